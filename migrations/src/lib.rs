@@ -1,0 +1,52 @@
+//! Database migrations of Gozon: one migrator per bounded context, each owning one PostgreSQL schema.
+
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
+
+pub mod orders;
+pub mod payments;
+
+pub use sea_orm_migration;
+
+/// The schema a context owns and the migrator that builds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Context {
+    Orders,
+    Payments,
+}
+
+impl Context {
+    pub fn schema(self) -> &'static str {
+        match self {
+            Context::Orders => "orders",
+            Context::Payments => "payments",
+        }
+    }
+
+    /// A fixed key per context for `pg_advisory_xact_lock`, so instances that start together
+    /// apply each migration once instead of racing on the same DDL.
+    fn lock_key(self) -> i64 {
+        match self {
+            Context::Orders => 0x676f_7a6f_6e01,
+            Context::Payments => 0x676f_7a6f_6e02,
+        }
+    }
+}
+
+/// Creates the context's schema and applies its pending migrations, in one transaction held
+/// under an advisory lock (PostgreSQL DDL is transactional, so a failed step leaves nothing).
+pub async fn migrate(db: &DatabaseConnection, context: Context) -> Result<(), DbErr> {
+    let txn = db.begin().await?;
+    txn.execute_unprepared(&format!(
+        "SELECT pg_advisory_xact_lock({})",
+        context.lock_key()
+    ))
+    .await?;
+    txn.execute_unprepared(&format!("CREATE SCHEMA IF NOT EXISTS {}", context.schema()))
+        .await?;
+    match context {
+        Context::Orders => orders::Migrator::up(&txn, None).await?,
+        Context::Payments => payments::Migrator::up(&txn, None).await?,
+    }
+    txn.commit().await
+}

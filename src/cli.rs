@@ -1,0 +1,96 @@
+//! The command line: `gozon serve --role ...`, `gozon migrate`, `gozon openapi`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Settings;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gozon",
+    version,
+    about = "Orders and payments for an online store"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the HTTP API and the messaging of one context or both (migrations run first).
+    Serve {
+        #[arg(long, env = "GOZON_ROLE", value_enum, default_value_t = Role::All)]
+        role: Role,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Create the database if needed and apply pending migrations, then exit.
+    Migrate {
+        #[arg(long, env = "GOZON_ROLE", value_enum, default_value_t = Role::All)]
+        role: Role,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Print the OpenAPI spec as YAML (what `openapi.yaml` holds), or write it to a file.
+    Openapi {
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+}
+
+/// Which bounded contexts this process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    Orders,
+    Payments,
+    /// Both contexts, plus the web page and Swagger UI.
+    All,
+}
+
+impl Role {
+    pub fn runs_orders(self) -> bool {
+        matches!(self, Role::Orders | Role::All)
+    }
+
+    pub fn runs_payments(self) -> bool {
+        matches!(self, Role::Payments | Role::All)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_defaults_to_all_and_local_servers() {
+        let cli = Cli::try_parse_from(["gozon", "serve"]).unwrap();
+        let Command::Serve { role, settings } = cli.command else {
+            panic!("expected serve");
+        };
+        assert_eq!(role, Role::All);
+        assert_eq!(settings.http_addr.port(), 8000);
+        assert!(settings.database_url.starts_with("postgres://"));
+    }
+
+    #[test]
+    fn flags_win_and_bad_values_are_refused() {
+        let cli = Cli::try_parse_from(["gozon", "serve", "--role", "payments", "--prefetch", "5"])
+            .unwrap();
+        let Command::Serve { role, settings } = cli.command else {
+            panic!("expected serve");
+        };
+        assert_eq!(role, Role::Payments);
+        assert_eq!(settings.prefetch, 5);
+        assert!(Cli::try_parse_from(["gozon", "serve", "--role", "shipping"]).is_err());
+        assert!(Cli::try_parse_from(["gozon", "serve", "--prefetch", "0"]).is_err());
+        assert!(Cli::try_parse_from(["gozon", "serve", "--http-addr", "nowhere"]).is_err());
+    }
+}

@@ -1,0 +1,154 @@
+//! Settings: defaults that work against a local PostgreSQL and RabbitMQ, overridden by
+//! environment variables, overridden by flags. Parsed and checked once, at start.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::messaging::amqp::BrokerSettings;
+use crate::messaging::consumer::ConsumerSettings;
+use crate::messaging::outbox::RelaySettings;
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/gozon";
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+#[derive(Args, Clone)]
+pub struct Settings {
+    /// PostgreSQL URL; the database is created if it does not exist.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+
+    /// Most connections this process opens to PostgreSQL.
+    #[arg(long, env = "GOZON_DB_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=1000))]
+    pub db_max_connections: u32,
+
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
+    pub amqp_url: String,
+
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "GOZON_AMQP_PREFIX", default_value = "gozon")]
+    pub amqp_prefix: String,
+
+    /// Deliveries of one message before it is dead-lettered.
+    #[arg(long, env = "GOZON_DELIVERY_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub delivery_limit: u32,
+
+    /// Unacknowledged deliveries a consumer holds at once.
+    #[arg(long, env = "GOZON_PREFETCH", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+
+    /// Deletes queues unused for this many seconds. Only for throw-away environments (tests):
+    /// messages in an expired queue are lost.
+    #[arg(long, env = "GOZON_QUEUE_EXPIRES_SECS", hide = true)]
+    pub queue_expires_secs: Option<u64>,
+
+    /// Bound, in milliseconds, on each broker round trip (connect, declare, confirm, ack).
+    #[arg(long, env = "GOZON_AMQP_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub amqp_timeout_ms: u64,
+
+    /// How often, in milliseconds, a relay looks at its outbox when nothing woke it.
+    #[arg(long, env = "GOZON_OUTBOX_POLL_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub outbox_poll_ms: u64,
+
+    /// Rows an outbox relay publishes per transaction.
+    #[arg(long, env = "GOZON_OUTBOX_BATCH", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub outbox_batch: u32,
+
+    /// Address the HTTP server listens on.
+    #[arg(long, env = "GOZON_HTTP_ADDR", default_value = "0.0.0.0:8000")]
+    pub http_addr: SocketAddr,
+
+    /// Folder of the web page served at `/` by `--role all`.
+    #[arg(long, env = "GOZON_STATIC_DIR", default_value = "static")]
+    pub static_dir: PathBuf,
+
+    /// Log lines as text or as JSON objects.
+    #[arg(long, env = "GOZON_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Settings {
+    pub fn broker(&self) -> BrokerSettings {
+        BrokerSettings {
+            url: self.amqp_url.clone(),
+            prefix: self.amqp_prefix.clone(),
+            delivery_limit: self.delivery_limit,
+            queue_expires: self.queue_expires_secs.map(Duration::from_secs),
+            io_timeout: Duration::from_millis(self.amqp_timeout_ms),
+        }
+    }
+
+    pub fn relay(&self) -> RelaySettings {
+        RelaySettings {
+            poll_interval: Duration::from_millis(self.outbox_poll_ms),
+            batch_size: self.outbox_batch,
+        }
+    }
+
+    pub fn consumer(&self) -> ConsumerSettings {
+        ConsumerSettings {
+            prefetch: self.prefetch,
+        }
+    }
+}
+
+/// Hides the password of a URL such as `postgres://user:secret@host/db`.
+pub fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("database_url", &mask_password(&self.database_url))
+            .field("db_max_connections", &self.db_max_connections)
+            .field("amqp_url", &mask_password(&self.amqp_url))
+            .field("amqp_prefix", &self.amqp_prefix)
+            .field("delivery_limit", &self.delivery_limit)
+            .field("prefetch", &self.prefetch)
+            .field("queue_expires_secs", &self.queue_expires_secs)
+            .field("amqp_timeout_ms", &self.amqp_timeout_ms)
+            .field("outbox_poll_ms", &self.outbox_poll_ms)
+            .field("outbox_batch", &self.outbox_batch)
+            .field("http_addr", &self.http_addr)
+            .field("static_dir", &self.static_dir)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_passwords_only() {
+        assert_eq!(
+            mask_password("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            mask_password("postgres://postgres@127.0.0.1:5432/gozon"),
+            "postgres://postgres@127.0.0.1:5432/gozon"
+        );
+    }
+}

@@ -1,0 +1,67 @@
+//! The messages Orders and Payments exchange: the only thing the two contexts share.
+//!
+//! Each type name carries a version; a change that old consumers cannot read gets a new type.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::money::Money;
+use crate::user_id::UserId;
+
+/// A message type and its AMQP routing key are the same string.
+pub trait Contract: Serialize + for<'de> Deserialize<'de> {
+    const TYPE: &'static str;
+}
+
+/// Orders asks Payments to debit the user's account for an order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRequestedV1 {
+    pub order_id: Uuid,
+    pub user_id: UserId,
+    pub amount: Money,
+}
+
+impl Contract for PaymentRequestedV1 {
+    const TYPE: &'static str = "payment.requested.v1";
+}
+
+/// Payments debited the order's amount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentSucceededV1 {
+    pub order_id: Uuid,
+    pub user_id: UserId,
+    pub amount: Money,
+}
+
+impl Contract for PaymentSucceededV1 {
+    const TYPE: &'static str = "payment.succeeded.v1";
+}
+
+/// Payments refused to debit; nothing was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentFailedV1 {
+    pub order_id: Uuid,
+    pub user_id: UserId,
+    pub amount: Money,
+    pub reason: PaymentFailureReason,
+}
+
+impl Contract for PaymentFailedV1 {
+    const TYPE: &'static str = "payment.failed.v1";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentFailureReason {
+    NoAccount,
+    InsufficientFunds,
+}
+
+impl PaymentFailureReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentFailureReason::NoAccount => "no_account",
+            PaymentFailureReason::InsufficientFunds => "insufficient_funds",
+        }
+    }
+}

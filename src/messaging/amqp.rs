@@ -1,0 +1,251 @@
+//! AMQP connections: the broker's topology, opening a channel on it, and the backoff with which
+//! every relay and consumer reconnects after losing the broker.
+//!
+//! lapin's own auto-recovery is left off on purpose: each task owns one connection and, on any
+//! error, drops it and builds everything again (see `supervise`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::options::{
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio_util::sync::CancellationToken;
+
+/// A queue some consumer reads, and the message types routed to it.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueSpec {
+    /// Appended to the broker prefix: `<prefix>.<suffix>`.
+    pub suffix: &'static str,
+    pub message_types: &'static [&'static str],
+}
+
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    pub url: String,
+    /// Prefix of every exchange and queue name, so deployments (and tests) do not share them.
+    pub prefix: String,
+    /// After this many deliveries a message is dead-lettered instead of requeued.
+    pub delivery_limit: u32,
+    /// Deletes a queue unused for this long; meant for throw-away environments such as tests.
+    pub queue_expires: Option<Duration>,
+    /// Bound on connect, declare, publish-confirm and ack round trips.
+    pub io_timeout: Duration,
+}
+
+/// The broker as Gozon uses it: one topic exchange for events, one dead-letter exchange, and
+/// one durable quorum queue (plus its `.dlq`) per consumer.
+#[derive(Clone, Debug)]
+pub struct Broker {
+    settings: Arc<BrokerSettings>,
+    queues: Arc<Vec<QueueSpec>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error(transparent)]
+    Lapin(#[from] lapin::Error),
+    #[error("the broker did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the broker cancelled the consumer (queue deleted or channel closed)")]
+    ConsumerCancelled,
+}
+
+impl Broker {
+    /// `queues` is every queue of the system, not only the caller's: whoever connects first
+    /// declares them all, so nothing published before its consumer's first start is unroutable.
+    pub fn new(settings: BrokerSettings, queues: Vec<QueueSpec>) -> Broker {
+        Broker {
+            settings: Arc::new(settings),
+            queues: Arc::new(queues),
+        }
+    }
+
+    pub fn settings(&self) -> &BrokerSettings {
+        &self.settings
+    }
+
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.settings.prefix)
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dead-letter", self.settings.prefix)
+    }
+
+    pub fn queue_name(&self, queue: &QueueSpec) -> String {
+        format!("{}.{}", self.settings.prefix, queue.suffix)
+    }
+
+    pub fn dead_letter_queue_name(&self, queue: &QueueSpec) -> String {
+        format!("{}.dlq", self.queue_name(queue))
+    }
+
+    /// Runs `fut` under the broker I/O timeout.
+    pub async fn timed<T, F>(&self, fut: F) -> Result<T, AmqpError>
+    where
+        F: Future<Output = Result<T, lapin::Error>>,
+    {
+        let limit = self.settings.io_timeout;
+        match tokio::time::timeout(limit, fut).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(AmqpError::Timeout(limit)),
+        }
+    }
+
+    /// Connects, opens one channel, declares the whole topology and, for publishers, turns on
+    /// publisher confirms. The connection must be kept alive as long as the channel is used.
+    pub async fn open_channel(
+        &self,
+        name: &str,
+        confirms: bool,
+    ) -> Result<(Connection, Channel), AmqpError> {
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connection = self
+            .timed(Connection::connect(&self.settings.url, properties))
+            .await?;
+        let channel = self.timed(connection.create_channel()).await?;
+        self.declare_topology(&channel).await?;
+        if confirms {
+            self.timed(channel.confirm_select(ConfirmSelectOptions::default()))
+                .await?;
+        }
+        Ok((connection, channel))
+    }
+
+    async fn declare_topology(&self, channel: &Channel) -> Result<(), AmqpError> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let events = self.events_exchange();
+        let dead_letter = self.dead_letter_exchange();
+        self.timed(channel.exchange_declare(
+            events.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        ))
+        .await?;
+        self.timed(channel.exchange_declare(
+            dead_letter.as_str().into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        ))
+        .await?;
+        for queue in self.queues.iter() {
+            let name = self.queue_name(queue);
+            let dlq = self.dead_letter_queue_name(queue);
+            self.timed(channel.queue_declare(
+                dlq.as_str().into(),
+                QueueDeclareOptions::durable(),
+                self.queue_arguments(None),
+            ))
+            .await?;
+            self.timed(channel.queue_bind(
+                dlq.as_str().into(),
+                dead_letter.as_str().into(),
+                name.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ))
+            .await?;
+            self.timed(channel.queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::durable(),
+                self.queue_arguments(Some(&name)),
+            ))
+            .await?;
+            for message_type in queue.message_types {
+                self.timed(channel.queue_bind(
+                    name.as_str().into(),
+                    events.as_str().into(),
+                    (*message_type).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                ))
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Quorum queues count deliveries, which is what bounds redelivery of a message whose
+    /// handling keeps failing; `dead_letter_key` is set on work queues, not on the DLQs.
+    fn queue_arguments(&self, dead_letter_key: Option<&str>) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        if let Some(key) = dead_letter_key {
+            arguments.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.dead_letter_exchange().into()),
+            );
+            arguments.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(key.into()),
+            );
+            arguments.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(self.settings.delivery_limit)),
+            );
+        }
+        if let Some(expires) = self.settings.queue_expires {
+            let millis = i64::try_from(expires.as_millis()).unwrap_or(i64::MAX);
+            arguments.insert("x-expires".into(), AMQPValue::LongLongInt(millis));
+        }
+        arguments
+    }
+}
+
+/// Jittered exponential backoff for reconnecting: 100 ms doubling up to 5 s, forever.
+pub fn reconnect_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Opens a channel, retrying with [`reconnect_backoff`] until it works or `shutdown` fires.
+/// The first failure is logged as a warning, later ones at debug, so an outage is one line.
+pub async fn connect_until_ready(
+    broker: &Broker,
+    name: &str,
+    confirms: bool,
+    shutdown: &CancellationToken,
+) -> Option<(Connection, Channel)> {
+    let failures = AtomicU32::new(0);
+    let attempt = || broker.open_channel(name, confirms);
+    let retrying = attempt
+        .retry(reconnect_backoff())
+        .sleep(tokio::time::sleep)
+        .notify(|error, delay| {
+            if failures.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(task = name, error = %error, "broker unavailable; retrying with backoff");
+            } else {
+                tracing::debug!(task = name, error = %error, ?delay, "broker still unavailable");
+            }
+        });
+    tokio::select! {
+        result = retrying => match result {
+            Ok(opened) => {
+                let failures = failures.load(Ordering::Relaxed);
+                if failures > 0 {
+                    tracing::info!(task = name, attempts = failures + 1, "broker connection recovered");
+                }
+                Some(opened)
+            }
+            Err(_) => None,
+        },
+        _ = shutdown.cancelled() => None,
+    }
+}

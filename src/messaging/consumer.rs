@@ -1,0 +1,170 @@
+//! The consumer loop shared by both contexts: deliveries in, one handler call each, and an ack
+//! only after the handler's transaction committed.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::messaging::amqp::{AmqpError, Broker, QueueSpec, connect_until_ready};
+use crate::messaging::envelope::Envelope;
+
+/// Why a handler did not apply a message.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// The message can never be applied (unknown type, bad payload, unknown order):
+    /// it goes to the dead-letter queue at once.
+    #[error("poison message: {0}")]
+    Poison(String),
+    /// Applying it failed for a reason that may pass (database down): it is requeued, and
+    /// dead-lettered by the broker once its delivery limit is reached.
+    #[error("transient failure: {0}")]
+    Transient(String),
+}
+
+impl From<sea_orm::DbErr> for HandleError {
+    fn from(error: sea_orm::DbErr) -> Self {
+        HandleError::Transient(error.to_string())
+    }
+}
+
+/// What a context does with one message. Must be idempotent: it records the message id in its
+/// inbox in the same transaction as its effect.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, envelope: Envelope) -> impl Future<Output = Result<(), HandleError>> + Send;
+}
+
+#[derive(Clone, Debug)]
+pub struct ConsumerSettings {
+    pub prefetch: u16,
+}
+
+/// Consumes `queue` until `shutdown`, reconnecting with backoff whenever the broker goes away.
+pub async fn run<H: Handler>(
+    broker: Broker,
+    queue: QueueSpec,
+    handler: Arc<H>,
+    settings: ConsumerSettings,
+    shutdown: CancellationToken,
+) {
+    let queue_name = broker.queue_name(&queue);
+    let task = format!("consumer {queue_name}");
+    while let Some((connection, channel)) =
+        connect_until_ready(&broker, &task, false, &shutdown).await
+    {
+        match consume(
+            &broker,
+            &channel,
+            &queue_name,
+            handler.as_ref(),
+            &settings,
+            &shutdown,
+        )
+        .await
+        {
+            Ok(()) => {
+                // Shutdown: stop taking deliveries; unacked ones go back to the queue on close.
+                let _ = broker
+                    .timed(channel.close(200, "shutting down".into()))
+                    .await;
+                let _ = broker
+                    .timed(connection.close(200, "shutting down".into()))
+                    .await;
+                break;
+            }
+            Err(error) => {
+                tracing::warn!(task = %task, %error, "consumer lost the broker; reconnecting");
+                let _ = broker
+                    .timed(connection.close(200, "reconnecting".into()))
+                    .await;
+            }
+        }
+    }
+    tracing::info!(task = %task, "consumer stopped");
+}
+
+async fn consume<H: Handler>(
+    broker: &Broker,
+    channel: &lapin::Channel,
+    queue_name: &str,
+    handler: &H,
+    settings: &ConsumerSettings,
+    shutdown: &CancellationToken,
+) -> Result<(), AmqpError> {
+    broker
+        .timed(channel.basic_qos(settings.prefetch, BasicQosOptions::default()))
+        .await?;
+    let mut deliveries = broker
+        .timed(channel.basic_consume(
+            queue_name.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ))
+        .await?;
+    let mut transient_failures = 0u32;
+    loop {
+        let delivery = tokio::select! {
+            next = deliveries.next() => next,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let delivery = match delivery {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(error)) => return Err(error.into()),
+            None => return Err(AmqpError::ConsumerCancelled),
+        };
+        let outcome = handle_delivery(handler, &delivery).await;
+        match outcome {
+            Ok(()) => {
+                transient_failures = 0;
+                broker
+                    .timed(delivery.acker.ack(BasicAckOptions::default()))
+                    .await?;
+            }
+            Err(HandleError::Poison(reason)) => {
+                tracing::error!(queue = queue_name, %reason, "dead-lettering a message that can never be applied");
+                broker
+                    .timed(delivery.acker.reject(BasicRejectOptions { requeue: false }))
+                    .await?;
+            }
+            Err(HandleError::Transient(reason)) => {
+                // Pause before handing it back, so an outage does not burn through the
+                // delivery limit in a tight loop.
+                transient_failures += 1;
+                let pause = Duration::from_millis(100 * u64::from(transient_failures.min(50)));
+                tracing::warn!(queue = queue_name, %reason, retry_in = ?pause, "message handling failed; requeueing");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                broker
+                    .timed(delivery.acker.nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    }))
+                    .await?;
+            }
+        }
+    }
+}
+
+async fn handle_delivery<H: Handler>(handler: &H, delivery: &Delivery) -> Result<(), HandleError> {
+    let envelope = Envelope::from_bytes(&delivery.data)
+        .map_err(|error| HandleError::Poison(error.to_string()))?;
+    let span = tracing::info_span!(
+        "message",
+        message_id = %envelope.message_id,
+        message_type = %envelope.message_type,
+        correlation_id = %envelope.correlation_id,
+        redelivered = delivery.redelivered,
+    );
+    handler.handle(envelope).instrument(span).await
+}

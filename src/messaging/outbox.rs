@@ -1,0 +1,219 @@
+//! The transactional outbox: messages are written in the same transaction as the business
+//! change, and a relay publishes them to RabbitMQ, marking each sent only after the broker's
+//! confirm. A crash between confirm and mark re-sends the message; inboxes make that harmless.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, FromQueryResult, Statement,
+    TransactionTrait,
+};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::contracts::Contract;
+use crate::messaging::amqp::{AmqpError, Broker, connect_until_ready};
+use crate::messaging::envelope::Envelope;
+
+/// Writes `message` to `<schema>.outbox` inside the caller's transaction.
+pub async fn enqueue<C: Contract>(
+    conn: &impl ConnectionTrait,
+    schema: &str,
+    message: &C,
+    correlation_id: &str,
+) -> Result<Uuid, DbErr> {
+    let envelope = Envelope::new(message, correlation_id)
+        .map_err(|e| DbErr::Custom(format!("cannot serialise {}: {e}", C::TYPE)))?;
+    let body = serde_json::to_value(&envelope)
+        .map_err(|e| DbErr::Custom(format!("cannot serialise envelope: {e}")))?;
+    conn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        format!(
+            "INSERT INTO {schema}.outbox (message_id, message_type, correlation_id, body) \
+             VALUES ($1, $2, $3, $4)"
+        ),
+        [
+            envelope.message_id.into(),
+            C::TYPE.into(),
+            correlation_id.into(),
+            body.into(),
+        ],
+    ))
+    .await?;
+    Ok(envelope.message_id)
+}
+
+#[derive(Debug, FromQueryResult)]
+struct PendingRow {
+    seq: i64,
+    message_id: Uuid,
+    message_type: String,
+    correlation_id: String,
+    body: serde_json::Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("database: {0}")]
+    Db(#[from] DbErr),
+    #[error("broker: {0}")]
+    Amqp(#[from] AmqpError),
+    #[error("the broker refused message {0} (nack or unroutable)")]
+    Refused(Uuid),
+}
+
+#[derive(Clone, Debug)]
+pub struct RelaySettings {
+    /// Polling interval: the fallback for when a wake-up was missed (another instance wrote the row).
+    pub poll_interval: Duration,
+    pub batch_size: u32,
+}
+
+/// Publishes one schema's outbox. Several relays over the same table (in one process or many)
+/// never publish the same row at the same time: each claims its batch with SKIP LOCKED.
+#[derive(Clone)]
+pub struct Relay {
+    db: DatabaseConnection,
+    schema: &'static str,
+    broker: Broker,
+    wake: Arc<Notify>,
+    settings: RelaySettings,
+}
+
+impl Relay {
+    pub fn new(
+        db: DatabaseConnection,
+        schema: &'static str,
+        broker: Broker,
+        wake: Arc<Notify>,
+        settings: RelaySettings,
+    ) -> Relay {
+        Relay {
+            db,
+            schema,
+            broker,
+            wake,
+            settings,
+        }
+    }
+
+    /// Claims up to one batch of unsent rows, publishes them as persistent messages, waits for
+    /// every confirm, and marks them sent in the same transaction that held the claim. Returns
+    /// how many rows it sent; on any error the transaction rolls back and the rows stay unsent.
+    pub async fn relay_once(&self, channel: &Channel) -> Result<usize, RelayError> {
+        let schema = self.schema;
+        let txn = self.db.begin().await?;
+        // SKIP LOCKED: a row another relay has claimed is skipped, not waited for and not
+        // sent twice at once. The lock lasts until this transaction ends.
+        let rows = PendingRow::find_by_statement(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!(
+                "SELECT seq, message_id, message_type, correlation_id, body FROM {schema}.outbox \
+                 WHERE sent_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"
+            ),
+            [i64::from(self.settings.batch_size).into()],
+        ))
+        .all(&txn)
+        .await?;
+        if rows.is_empty() {
+            txn.commit().await?;
+            return Ok(0);
+        }
+
+        let exchange = self.broker.events_exchange();
+        let mut confirms = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let payload = serde_json::to_vec(&row.body)
+                .map_err(|e| DbErr::Custom(format!("outbox body: {e}")))?;
+            let mut headers = FieldTable::default();
+            headers.insert(
+                "correlation_id".into(),
+                AMQPValue::LongString(row.correlation_id.as_str().into()),
+            );
+            let properties = BasicProperties::default()
+                .with_message_id(row.message_id.to_string().into())
+                .with_type(row.message_type.as_str().into())
+                .with_correlation_id(row.correlation_id.as_str().into())
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2)
+                .with_headers(headers);
+            // mandatory: a message no queue would take comes back, and is not marked sent.
+            let confirm = self
+                .broker
+                .timed(channel.basic_publish(
+                    exchange.as_str().into(),
+                    row.message_type.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &payload,
+                    properties,
+                ))
+                .await?;
+            confirms.push((row.message_id, confirm));
+        }
+        for (message_id, confirm) in confirms {
+            let confirmation = self.broker.timed(confirm).await?;
+            if !confirmation.is_ack() || confirmation.take_message().is_some() {
+                return Err(RelayError::Refused(message_id));
+            }
+        }
+
+        let sent: Vec<i64> = rows.iter().map(|row| row.seq).collect();
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("UPDATE {schema}.outbox SET sent_at = clock_timestamp() WHERE seq = ANY($1)"),
+            [sent.into()],
+        ))
+        .await?;
+        txn.commit().await?;
+        tracing::debug!(schema, sent = rows.len(), "outbox batch published");
+        Ok(rows.len())
+    }
+
+    /// Runs until `shutdown`: connect (with backoff), then publish whenever woken or polled;
+    /// on a broker error drop the connection and start over; on a database error back off.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let name = format!("{}-outbox-relay", self.schema);
+        let mut db_backoff = Duration::ZERO;
+        'connect: while let Some((_connection, channel)) =
+            connect_until_ready(&self.broker, &name, true, &shutdown).await
+        {
+            loop {
+                match self.drain(&channel).await {
+                    Ok(()) => db_backoff = Duration::ZERO,
+                    Err(RelayError::Db(error)) => {
+                        db_backoff = (db_backoff * 2)
+                            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+                        tracing::warn!(task = %name, %error, retry_in = ?db_backoff, "outbox relay cannot read the database");
+                        tokio::select! {
+                            _ = tokio::time::sleep(db_backoff) => continue,
+                            _ = shutdown.cancelled() => break 'connect,
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(task = %name, %error, "outbox relay lost the broker; reconnecting");
+                        continue 'connect;
+                    }
+                }
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                    _ = shutdown.cancelled() => break 'connect,
+                }
+            }
+        }
+        tracing::info!(task = %name, "outbox relay stopped");
+    }
+
+    async fn drain(&self, channel: &Channel) -> Result<(), RelayError> {
+        while self.relay_once(channel).await? == self.settings.batch_size as usize {}
+        Ok(())
+    }
+}

@@ -1,0 +1,250 @@
+//! Orders over HTTP: place an order, read one, list a user's.
+
+use std::sync::Arc;
+
+use poem::http::StatusCode;
+use poem::middleware::ReqId;
+use poem_openapi::param::Query;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
+use sea_orm::DatabaseConnection;
+use tokio::sync::Notify;
+
+use crate::api_errors;
+use crate::contracts::PaymentFailureReason;
+use crate::http::{ApiError, ErrorBody, parse_amount, parse_user_id};
+use crate::orders::domain::{Order, OrderId, OrderStatus};
+use crate::orders::{OrdersError, saga, store};
+
+#[derive(Tags)]
+enum Tag {
+    /// Orders and their payment status.
+    Orders,
+}
+
+pub struct OrdersApi {
+    db: DatabaseConnection,
+    relay_wake: Arc<Notify>,
+}
+
+impl OrdersApi {
+    pub fn new(db: DatabaseConnection, relay_wake: Arc<Notify>) -> OrdersApi {
+        OrdersApi { db, relay_wake }
+    }
+
+    /// An instance that can describe the API but not serve it (for `gozon openapi`).
+    pub fn spec_only() -> OrdersApi {
+        OrdersApi::new(DatabaseConnection::default(), Arc::new(Notify::new()))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Enum)]
+pub enum OrderStatusBody {
+    /// Created; payment in progress.
+    #[oai(rename = "NEW")]
+    New,
+    /// Paid.
+    #[oai(rename = "FINISHED")]
+    Finished,
+    /// Not paid; `reason` says why.
+    #[oai(rename = "CANCELLED")]
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum CancelReasonBody {
+    /// The user has no account.
+    NoAccount,
+    /// The balance was lower than the amount.
+    InsufficientFunds,
+}
+
+/// An order.
+#[derive(Debug, Object)]
+pub struct OrderBody {
+    pub id: uuid::Uuid,
+    pub user_id: String,
+    /// The amount, as a decimal string with two decimals.
+    pub amount: String,
+    pub status: OrderStatusBody,
+    /// Why the order was cancelled; null otherwise.
+    pub reason: Option<CancelReasonBody>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl From<Order> for OrderBody {
+    fn from(order: Order) -> Self {
+        OrderBody {
+            id: order.id.as_uuid(),
+            user_id: order.user_id.to_string(),
+            amount: order.amount.to_string(),
+            status: match order.status {
+                OrderStatus::New => OrderStatusBody::New,
+                OrderStatus::Finished => OrderStatusBody::Finished,
+                OrderStatus::Cancelled(_) => OrderStatusBody::Cancelled,
+            },
+            reason: order.status.reason().map(|reason| match reason {
+                PaymentFailureReason::NoAccount => CancelReasonBody::NoAccount,
+                PaymentFailureReason::InsufficientFunds => CancelReasonBody::InsufficientFunds,
+            }),
+            created_at: order.created_at,
+            updated_at: order.updated_at,
+        }
+    }
+}
+
+/// A user's orders, newest first.
+#[derive(Debug, Object)]
+pub struct OrderListBody {
+    pub orders: Vec<OrderBody>,
+}
+
+impl From<OrdersError> for ApiError {
+    fn from(error: OrdersError) -> Self {
+        match error {
+            OrdersError::OrderNotFound => {
+                ApiError::new(StatusCode::NOT_FOUND, "order_not_found", error.to_string())
+            }
+            OrdersError::Store(error) => ApiError::from_db(&error),
+        }
+    }
+}
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "CreateOrderResponse::bad_request")]
+pub enum CreateOrderResponse {
+    /// The order, with status NEW; its payment runs in the background.
+    #[oai(status = 201)]
+    Created(Json<OrderBody>),
+    /// `user_id` or `amount` is missing or malformed.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    /// The database is unreachable; retry later.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+api_errors!(CreateOrderResponse {});
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "GetOrderResponse::bad_request")]
+pub enum GetOrderResponse {
+    /// The order and its status.
+    #[oai(status = 200)]
+    Ok(Json<OrderBody>),
+    /// `id` is missing or not a UUID.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// No order has this id (`order_not_found`).
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    /// The database is unreachable; retry later.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+api_errors!(GetOrderResponse { 404 => NotFound });
+
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "ListOrdersResponse::bad_request")]
+pub enum ListOrdersResponse {
+    /// The user's orders, newest first; an empty list if none.
+    #[oai(status = 200)]
+    Ok(Json<OrderListBody>),
+    /// `user_id` is missing or malformed.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    /// The database is unreachable; retry later.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+api_errors!(ListOrdersResponse {});
+
+/// The request id (from `X-Request-Id` or made up by the RequestId middleware) becomes the
+/// saga's correlation id. Client-sent ids are cut to a sane length.
+fn correlation_id(request: &poem::Request) -> String {
+    match request.data::<ReqId>() {
+        Some(id) => id.to_string().chars().take(128).collect(),
+        None => uuid::Uuid::new_v4().to_string(),
+    }
+}
+
+#[OpenApi]
+impl OrdersApi {
+    /// Place an order. Answers at once with status NEW; Payments then debits the user's
+    /// account and the order becomes FINISHED, or CANCELLED with a reason.
+    #[oai(
+        path = "/api/orders/create_order",
+        method = "post",
+        tag = "Tag::Orders"
+    )]
+    async fn create_order(
+        &self,
+        request: &poem::Request,
+        user_id: Query<String>,
+        amount: Query<String>,
+    ) -> CreateOrderResponse {
+        let result: Result<Order, ApiError> = async {
+            let user = parse_user_id(&user_id)?;
+            let amount = parse_amount(&amount)?;
+            let correlation_id = correlation_id(request);
+            Ok(
+                saga::place_order(&self.db, &self.relay_wake, &user, amount, &correlation_id)
+                    .await
+                    .map_err(OrdersError::from)?,
+            )
+        }
+        .await;
+        match result {
+            Ok(order) => CreateOrderResponse::Created(Json(order.into())),
+            Err(error) => error.into(),
+        }
+    }
+
+    /// Read one order and its status.
+    #[oai(path = "/api/orders/order", method = "get", tag = "Tag::Orders")]
+    async fn order(&self, id: Query<String>) -> GetOrderResponse {
+        let result: Result<Order, ApiError> = async {
+            let id = OrderId::parse(&id).map_err(|error| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_order_id",
+                    error.to_string(),
+                )
+            })?;
+            store::find_order(&self.db, id)
+                .await
+                .map_err(OrdersError::from)?
+                .ok_or_else(|| OrdersError::OrderNotFound.into())
+        }
+        .await;
+        match result {
+            Ok(order) => GetOrderResponse::Ok(Json(order.into())),
+            Err(error) => error.into(),
+        }
+    }
+
+    /// List a user's orders, newest first.
+    #[oai(path = "/api/orders/orders", method = "get", tag = "Tag::Orders")]
+    async fn orders(&self, user_id: Query<String>) -> ListOrdersResponse {
+        let result: Result<Vec<Order>, ApiError> = async {
+            let user = parse_user_id(&user_id)?;
+            Ok(store::list_orders(&self.db, &user)
+                .await
+                .map_err(OrdersError::from)?)
+        }
+        .await;
+        match result {
+            Ok(orders) => ListOrdersResponse::Ok(Json(OrderListBody {
+                orders: orders.into_iter().map(OrderBody::from).collect(),
+            })),
+            Err(error) => error.into(),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! What Orders knows: an order, its id and the states its saga moves it through.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::contracts::PaymentFailureReason;
+use crate::money::Money;
+use crate::user_id::UserId;
+
+/// An order's id: a UUID (version 7, so ids sort by creation time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OrderId(Uuid);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("id must be an order id (a UUID such as 0190f5c2-8c1e-7a9b-b7a1-1f2e3d4c5b6a)")]
+pub struct OrderIdError;
+
+impl OrderId {
+    pub fn new() -> OrderId {
+        OrderId(Uuid::now_v7())
+    }
+
+    /// Accepts the hyphenated UUID form only, in any case.
+    pub fn parse(text: &str) -> Result<OrderId, OrderIdError> {
+        if text.len() != 36 {
+            return Err(OrderIdError);
+        }
+        Uuid::try_parse(text).map(OrderId).map_err(|_| OrderIdError)
+    }
+
+    pub fn from_uuid(id: Uuid) -> OrderId {
+        OrderId(id)
+    }
+
+    pub fn as_uuid(self) -> Uuid {
+        self.0
+    }
+}
+
+impl Default for OrderId {
+    fn default() -> Self {
+        OrderId::new()
+    }
+}
+
+impl fmt::Display for OrderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// NEW until Payments answers; then FINISHED (paid) or CANCELLED (with the reason). Final
+/// states never change again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrderStatus {
+    New,
+    Finished,
+    Cancelled(PaymentFailureReason),
+}
+
+impl OrderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::New => "NEW",
+            OrderStatus::Finished => "FINISHED",
+            OrderStatus::Cancelled(_) => "CANCELLED",
+        }
+    }
+
+    pub fn reason(self) -> Option<PaymentFailureReason> {
+        match self {
+            OrderStatus::Cancelled(reason) => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Order {
+    pub id: OrderId,
+    pub user_id: UserId,
+    pub amount: Money,
+    pub status: OrderStatus,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_ids_are_hyphenated_uuids_only() {
+        let id = OrderId::new();
+        assert_eq!(OrderId::parse(&id.to_string()), Ok(id));
+        assert_eq!(OrderId::parse(&id.to_string().to_uppercase()), Ok(id));
+        for bad in [
+            "",
+            "42",
+            "not-a-uuid",
+            "0190f5c28c1e7a9bb7a11f2e3d4c5b6a",
+            "{0190f5c2-8c1e-7a9b-b7a1-1f2e3d4c5b6a}",
+            "0190f5c2-8c1e-7a9b-b7a1-1f2e3d4c5b6g",
+            "' OR 1=1 --",
+        ] {
+            assert_eq!(OrderId::parse(bad), Err(OrderIdError), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The `orders` schema: orders and their saga state.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
+use uuid::Uuid;
+
+use crate::contracts::PaymentFailureReason;
+use crate::money::Money;
+use crate::orders::domain::{Order, OrderId, OrderStatus};
+use crate::user_id::UserId;
+
+fn statement<I: IntoIterator<Item = Value>>(sql: &str, values: I) -> Statement {
+    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+}
+
+const ORDER_COLUMNS: &str = "id, user_id, amount_minor, status, reason, created_at, updated_at";
+
+#[derive(FromQueryResult)]
+struct OrderRow {
+    id: Uuid,
+    user_id: String,
+    amount_minor: i64,
+    status: String,
+    reason: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl OrderRow {
+    fn into_order(self) -> Result<Order, DbErr> {
+        let corrupt =
+            |what: &str| DbErr::Custom(format!("order {}: invalid {what} in storage", self.id));
+        let status = match (self.status.as_str(), self.reason.as_deref()) {
+            ("NEW", None) => OrderStatus::New,
+            ("FINISHED", None) => OrderStatus::Finished,
+            ("CANCELLED", Some("no_account")) => {
+                OrderStatus::Cancelled(PaymentFailureReason::NoAccount)
+            }
+            ("CANCELLED", Some("insufficient_funds")) => {
+                OrderStatus::Cancelled(PaymentFailureReason::InsufficientFunds)
+            }
+            _ => return Err(corrupt("status")),
+        };
+        Ok(Order {
+            id: OrderId::from_uuid(self.id),
+            user_id: UserId::parse(&self.user_id).map_err(|_| corrupt("user_id"))?,
+            amount: Money::from_minor(self.amount_minor).ok_or_else(|| corrupt("amount"))?,
+            status,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+/// Inserts a NEW order and returns it as stored.
+pub async fn insert_order(
+    conn: &impl ConnectionTrait,
+    id: OrderId,
+    user: &UserId,
+    amount: Money,
+    correlation_id: &str,
+) -> Result<Order, DbErr> {
+    let row = OrderRow::find_by_statement(statement(
+        &format!(
+            "INSERT INTO orders.orders (id, user_id, amount_minor, status, correlation_id) \
+             VALUES ($1, $2, $3, 'NEW', $4) RETURNING {ORDER_COLUMNS}"
+        ),
+        [
+            id.as_uuid().into(),
+            user.as_str().into(),
+            amount.minor().into(),
+            correlation_id.into(),
+        ],
+    ))
+    .one(conn)
+    .await?
+    .ok_or_else(|| DbErr::RecordNotInserted)?;
+    row.into_order()
+}
+
+pub async fn find_order(conn: &impl ConnectionTrait, id: OrderId) -> Result<Option<Order>, DbErr> {
+    OrderRow::find_by_statement(statement(
+        &format!("SELECT {ORDER_COLUMNS} FROM orders.orders WHERE id = $1"),
+        [id.as_uuid().into()],
+    ))
+    .one(conn)
+    .await?
+    .map(OrderRow::into_order)
+    .transpose()
+}
+
+/// The user's orders, newest first.
+pub async fn list_orders(conn: &impl ConnectionTrait, user: &UserId) -> Result<Vec<Order>, DbErr> {
+    OrderRow::find_by_statement(statement(
+        &format!(
+            "SELECT {ORDER_COLUMNS} FROM orders.orders WHERE user_id = $1 \
+             ORDER BY created_at DESC, id DESC"
+        ),
+        [user.as_str().into()],
+    ))
+    .all(conn)
+    .await?
+    .into_iter()
+    .map(OrderRow::into_order)
+    .collect()
+}
+
+pub enum Settlement {
+    /// The order moved from NEW to its final state.
+    Settled(Order),
+    /// The order was already final: nothing changed.
+    AlreadyFinal(Order),
+    /// No such order.
+    Unknown,
+}
+
+/// Moves a NEW order to `status`. Final states never change: the `status = 'NEW'` condition
+/// makes a second, late or contradicting answer a no-op.
+pub async fn settle_order(
+    conn: &impl ConnectionTrait,
+    id: OrderId,
+    status: OrderStatus,
+) -> Result<Settlement, DbErr> {
+    let updated = OrderRow::find_by_statement(statement(
+        &format!(
+            "UPDATE orders.orders SET status = $2, reason = $3, updated_at = clock_timestamp() \
+             WHERE id = $1 AND status = 'NEW' RETURNING {ORDER_COLUMNS}"
+        ),
+        [
+            id.as_uuid().into(),
+            status.as_str().into(),
+            status.reason().map(|r| r.as_str().to_owned()).into(),
+        ],
+    ))
+    .one(conn)
+    .await?;
+    if let Some(row) = updated {
+        return Ok(Settlement::Settled(row.into_order()?));
+    }
+    Ok(match find_order(conn, id).await? {
+        Some(order) => Settlement::AlreadyFinal(order),
+        None => Settlement::Unknown,
+    })
+}

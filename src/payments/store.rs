@@ -1,0 +1,242 @@
+//! The `payments` schema: accounts, the ledger and the per-order payment record.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
+use uuid::Uuid;
+
+use crate::contracts::PaymentFailureReason;
+use crate::money::Money;
+use crate::payments::domain::{Account, DebitOutcome, EntryKind, LedgerEntry};
+use crate::user_id::UserId;
+
+/// A balance can hold at most what its BIGINT column can: a top-up past this is refused.
+pub const MAX_BALANCE_MINOR: i64 = i64::MAX;
+
+fn statement<I: IntoIterator<Item = Value>>(sql: &str, values: I) -> Statement {
+    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
+}
+
+fn money(minor: i64) -> Result<Money, DbErr> {
+    Money::from_minor(minor)
+        .ok_or_else(|| DbErr::Custom(format!("negative amount {minor} in storage")))
+}
+
+fn user_id(text: &str) -> Result<UserId, DbErr> {
+    UserId::parse(text).map_err(|_| DbErr::Custom(format!("invalid user_id {text:?} in storage")))
+}
+
+#[derive(FromQueryResult)]
+struct AccountRow {
+    user_id: String,
+    balance_minor: i64,
+}
+
+impl AccountRow {
+    fn into_account(self) -> Result<Account, DbErr> {
+        Ok(Account {
+            user_id: user_id(&self.user_id)?,
+            balance: money(self.balance_minor)?,
+        })
+    }
+}
+
+/// Creates an empty account; `None` when the user already has one.
+pub async fn create_account(
+    conn: &impl ConnectionTrait,
+    user: &UserId,
+) -> Result<Option<Account>, DbErr> {
+    let row = AccountRow::find_by_statement(statement(
+        "INSERT INTO payments.accounts (user_id) VALUES ($1) ON CONFLICT (user_id) DO NOTHING \
+         RETURNING user_id, balance_minor",
+        [user.as_str().into()],
+    ))
+    .one(conn)
+    .await?;
+    row.map(AccountRow::into_account).transpose()
+}
+
+pub async fn find_account(
+    conn: &impl ConnectionTrait,
+    user: &UserId,
+) -> Result<Option<Account>, DbErr> {
+    let row = AccountRow::find_by_statement(statement(
+        "SELECT user_id, balance_minor FROM payments.accounts WHERE user_id = $1",
+        [user.as_str().into()],
+    ))
+    .one(conn)
+    .await?;
+    row.map(AccountRow::into_account).transpose()
+}
+
+pub enum TopUp {
+    Credited(Account),
+    NoAccount,
+    LimitExceeded,
+}
+
+/// Adds `amount` to the balance and writes the ledger row, in one statement.
+///
+/// Safe under concurrency: the UPDATE takes the account's row lock and re-checks its WHERE
+/// after any wait, so concurrent top-ups add up and none can push the balance past the limit.
+pub async fn top_up(
+    conn: &impl ConnectionTrait,
+    user: &UserId,
+    amount: Money,
+) -> Result<TopUp, DbErr> {
+    let row = conn
+        .query_one_raw(statement(
+            "WITH credited AS ( \
+                 UPDATE payments.accounts \
+                 SET balance_minor = balance_minor + $2, updated_at = clock_timestamp() \
+                 WHERE user_id = $1 AND balance_minor <= $3 - $2 \
+                 RETURNING user_id, balance_minor) \
+             INSERT INTO payments.transactions (user_id, kind, amount_minor, balance_after_minor) \
+             SELECT user_id, 'top_up', $2, balance_minor FROM credited \
+             RETURNING balance_after_minor",
+            [
+                user.as_str().into(),
+                amount.minor().into(),
+                MAX_BALANCE_MINOR.into(),
+            ],
+        ))
+        .await?;
+    if let Some(row) = row {
+        let balance: i64 = row.try_get("", "balance_after_minor")?;
+        return Ok(TopUp::Credited(Account {
+            user_id: user.clone(),
+            balance: money(balance)?,
+        }));
+    }
+    Ok(match find_account(conn, user).await? {
+        Some(_) => TopUp::LimitExceeded,
+        None => TopUp::NoAccount,
+    })
+}
+
+/// Debits an order's amount at most once, ever, and says what happened. Call it inside the
+/// transaction that records the request in the inbox and its answer in the outbox.
+///
+/// Two guarantees live here:
+/// - once per order: the INSERT into `order_payments` claims the order. A second request for
+///   the same order (even under another message id) conflicts on the primary key, waits for
+///   the first transaction, and then only reads the outcome already decided;
+/// - never below zero: the debit is one conditional UPDATE (`balance_minor >= amount`); the
+///   row lock serialises concurrent debits and PostgreSQL re-checks the condition after the
+///   wait, so a balance of 100 pays exactly ten orders of 10 whatever the concurrency.
+pub async fn debit_for_order(
+    conn: &impl ConnectionTrait,
+    order_id: Uuid,
+    user: &UserId,
+    amount: Money,
+) -> Result<DebitOutcome, DbErr> {
+    let claimed = conn
+        .execute_raw(statement(
+            "INSERT INTO payments.order_payments (order_id, user_id, amount_minor, outcome) \
+             VALUES ($1, $2, $3, 'pending') ON CONFLICT (order_id) DO NOTHING",
+            [order_id.into(), user.as_str().into(), amount.minor().into()],
+        ))
+        .await?
+        .rows_affected()
+        == 1;
+    if !claimed {
+        return decided_outcome(conn, order_id).await;
+    }
+
+    let debited = conn
+        .query_one_raw(statement(
+            "WITH debited AS ( \
+                 UPDATE payments.accounts \
+                 SET balance_minor = balance_minor - $2, updated_at = clock_timestamp() \
+                 WHERE user_id = $1 AND balance_minor >= $2 \
+                 RETURNING user_id, balance_minor) \
+             INSERT INTO payments.transactions (user_id, kind, amount_minor, order_id, balance_after_minor) \
+             SELECT user_id, 'debit', $2, $3, balance_minor FROM debited \
+             RETURNING balance_after_minor",
+            [user.as_str().into(), amount.minor().into(), order_id.into()],
+        ))
+        .await?
+        .is_some();
+    let outcome = if debited {
+        DebitOutcome::Debited
+    } else if find_account(conn, user).await?.is_some() {
+        DebitOutcome::Refused(PaymentFailureReason::InsufficientFunds)
+    } else {
+        DebitOutcome::Refused(PaymentFailureReason::NoAccount)
+    };
+    let stored = match outcome {
+        DebitOutcome::Debited => "debited",
+        DebitOutcome::Refused(reason) => reason.as_str(),
+    };
+    conn.execute_raw(statement(
+        "UPDATE payments.order_payments SET outcome = $2, updated_at = clock_timestamp() \
+         WHERE order_id = $1",
+        [order_id.into(), stored.into()],
+    ))
+    .await?;
+    Ok(outcome)
+}
+
+async fn decided_outcome(
+    conn: &impl ConnectionTrait,
+    order_id: Uuid,
+) -> Result<DebitOutcome, DbErr> {
+    let row = conn
+        .query_one_raw(statement(
+            "SELECT outcome FROM payments.order_payments WHERE order_id = $1",
+            [order_id.into()],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound(format!("order payment {order_id}")))?;
+    let outcome: String = row.try_get("", "outcome")?;
+    match outcome.as_str() {
+        "debited" => Ok(DebitOutcome::Debited),
+        "no_account" => Ok(DebitOutcome::Refused(PaymentFailureReason::NoAccount)),
+        "insufficient_funds" => Ok(DebitOutcome::Refused(
+            PaymentFailureReason::InsufficientFunds,
+        )),
+        other => Err(DbErr::Custom(format!(
+            "order payment {order_id} is still {other}"
+        ))),
+    }
+}
+
+#[derive(FromQueryResult)]
+struct LedgerRow {
+    id: i64,
+    kind: String,
+    amount_minor: i64,
+    order_id: Option<Uuid>,
+    balance_after_minor: i64,
+    created_at: DateTime<Utc>,
+}
+
+/// The account's ledger, newest first.
+pub async fn ledger(
+    conn: &impl ConnectionTrait,
+    user: &UserId,
+    limit: u64,
+) -> Result<Vec<LedgerEntry>, DbErr> {
+    let rows = LedgerRow::find_by_statement(statement(
+        "SELECT id, kind, amount_minor, order_id, balance_after_minor, created_at \
+         FROM payments.transactions WHERE user_id = $1 ORDER BY id DESC LIMIT $2",
+        [user.as_str().into(), (limit as i64).into()],
+    ))
+    .all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            Ok(LedgerEntry {
+                id: row.id,
+                kind: match row.kind.as_str() {
+                    "top_up" => EntryKind::TopUp,
+                    "debit" => EntryKind::Debit,
+                    other => return Err(DbErr::Custom(format!("unknown ledger kind {other}"))),
+                },
+                amount: money(row.amount_minor)?,
+                order_id: row.order_id,
+                balance_after: money(row.balance_after_minor)?,
+                created_at: row.created_at,
+            })
+        })
+        .collect()
+}
