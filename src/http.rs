@@ -72,11 +72,24 @@ impl ApiError {
 
     /// A request poem-openapi refused before our code ran (missing or mistyped parameter).
     pub fn from_rejected_request(error: &poem::Error) -> ApiError {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            error.to_string(),
-        )
+        // poem-openapi says "expects an input value" when a required parameter is absent.
+        match error.downcast_ref::<poem_openapi::error::ParseParamError>() {
+            Some(param) if param.reason.contains("expects an input value") => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "missing_parameter",
+                format!("query parameter `{}` is required", param.name),
+            ),
+            Some(param) => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_parameter",
+                format!("query parameter `{}`: {}", param.name, param.reason),
+            ),
+            None => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                error.to_string(),
+            ),
+        }
     }
 }
 

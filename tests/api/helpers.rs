@@ -1,0 +1,301 @@
+//! Starting Gozon for a test, and one helper per endpoint.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use gozon::app::Application;
+use gozon::cli::{Cli, Command, Role};
+use gozon::config::Settings;
+use reqwest::StatusCode;
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// One database and one set of broker names, shared by every app a test starts in it.
+pub struct TestEnv {
+    pub database_url: String,
+    pub prefix: String,
+}
+
+impl TestEnv {
+    pub fn new() -> TestEnv {
+        if std::env::var("TEST_LOG").is_ok() {
+            gozon::telemetry::init(gozon::config::LogFormat::Text);
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        TestEnv {
+            database_url: format!("{POSTGRES}/gozon_test_{}", &id[..16]),
+            prefix: format!("gozon-test.{}", &id[..16]),
+        }
+    }
+
+    pub fn settings(&self) -> Settings {
+        let cli = Cli::parse_from([
+            "gozon",
+            "serve",
+            "--database-url",
+            &self.database_url,
+            "--amqp-url",
+            AMQP,
+            "--amqp-prefix",
+            &self.prefix,
+            "--http-addr",
+            "127.0.0.1:0",
+            "--queue-expires-secs",
+            "900",
+            "--db-max-connections",
+            "8",
+        ]);
+        match cli.command {
+            Command::Serve { settings, .. } => settings,
+            _ => unreachable!("parsed a serve command"),
+        }
+    }
+
+    pub async fn spawn(&self, role: Role) -> TestApp {
+        let application = Application::build(&self.settings(), role)
+            .await
+            .expect("the application starts");
+        let port = application.port();
+        let shutdown = application.shutdown_token();
+        tokio::spawn(application.run_until_stopped());
+        TestApp {
+            address: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+            shutdown,
+        }
+    }
+
+    /// A connection of the test's own, to assert invariants across both schemas.
+    pub async fn db(&self) -> DatabaseConnection {
+        Database::connect(&self.database_url)
+            .await
+            .expect("test database")
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    TestEnv::new().spawn(Role::All).await
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A response: its status and its JSON body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn str(&self, field: &str) -> &str {
+        self.body[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("no string {field:?} in {}", self.body))
+    }
+
+    /// Asserts the JSON error envelope with this status and code.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "body: {}", self.body);
+        assert_eq!(self.body["error"], code, "body: {}", self.body);
+        assert!(
+            self.body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "an error says what went wrong: {}",
+            self.body
+        );
+    }
+}
+
+impl TestApp {
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Reply {
+        let response = self
+            .client
+            .request(method, format!("{}{path}", self.address))
+            .query(query)
+            .send()
+            .await
+            .expect("request sent");
+        let status = response.status();
+        let text = response.text().await.expect("body read");
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("JSON body, got {status}: {text:?}"));
+        Reply { status, body }
+    }
+
+    pub async fn post(&self, path: &str, query: &[(&str, &str)]) -> Reply {
+        self.request(reqwest::Method::POST, path, query).await
+    }
+
+    pub async fn get(&self, path: &str, query: &[(&str, &str)]) -> Reply {
+        self.request(reqwest::Method::GET, path, query).await
+    }
+
+    pub async fn create_account(&self, user: &str) -> Reply {
+        self.post("/api/payments/create_account", &[("user_id", user)])
+            .await
+    }
+
+    pub async fn add_funds(&self, user: &str, amount: &str) -> Reply {
+        self.post(
+            "/api/payments/add_funds",
+            &[("user_id", user), ("amount", amount)],
+        )
+        .await
+    }
+
+    pub async fn balance(&self, user: &str) -> Reply {
+        self.get("/api/payments/balance", &[("user_id", user)])
+            .await
+    }
+
+    pub async fn transactions(&self, user: &str) -> Reply {
+        self.get("/api/payments/transactions", &[("user_id", user)])
+            .await
+    }
+
+    pub async fn create_order(&self, user: &str, amount: &str) -> Reply {
+        self.post(
+            "/api/orders/create_order",
+            &[("user_id", user), ("amount", amount)],
+        )
+        .await
+    }
+
+    pub async fn order(&self, id: &str) -> Reply {
+        self.get("/api/orders/order", &[("id", id)]).await
+    }
+
+    pub async fn orders(&self, user: &str) -> Reply {
+        self.get("/api/orders/orders", &[("user_id", user)]).await
+    }
+
+    /// An account holding `amount`.
+    pub async fn funded_account(&self, user: &str, amount: &str) {
+        assert_eq!(self.create_account(user).await.status, StatusCode::CREATED);
+        assert_eq!(self.add_funds(user, amount).await.status, StatusCode::OK);
+    }
+
+    /// Polls the order until it leaves NEW, or fails after `within`.
+    pub async fn wait_until_final(&self, id: &str, within: Duration) -> Reply {
+        let deadline = Instant::now() + within;
+        loop {
+            let reply = self.order(id).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+            if reply.str("status") != "NEW" {
+                return reply;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "order {id} still NEW after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub async fn scalar_i64(db: &DatabaseConnection, sql: &str) -> i64 {
+    let row = db
+        .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+        .await
+        .expect("query runs")
+        .expect("one row");
+    row.try_get_by_index::<i64>(0).expect("an integer")
+}
+
+/// Counts and sums over every table, to show that a rejected request changed nothing.
+pub async fn snapshot(db: &DatabaseConnection) -> Vec<i64> {
+    let mut values = Vec::new();
+    for sql in [
+        "SELECT count(*) FROM orders.orders",
+        "SELECT count(*) FROM orders.outbox",
+        "SELECT count(*) FROM payments.accounts",
+        "SELECT coalesce(sum(balance_minor), 0)::BIGINT FROM payments.accounts",
+        "SELECT count(*) FROM payments.transactions",
+        "SELECT count(*) FROM payments.outbox",
+    ] {
+        values.push(scalar_i64(db, sql).await);
+    }
+    values
+}
+
+/// Money is never lost or created: top-ups = balances + FINISHED orders; every debit is one
+/// FINISHED order and every FINISHED order one debit; no balance below zero.
+pub async fn assert_money_conserved(db: &DatabaseConnection) {
+    let top_ups = scalar_i64(db, "SELECT coalesce(sum(amount_minor), 0)::BIGINT FROM payments.transactions WHERE kind = 'top_up'").await;
+    let balances = scalar_i64(
+        db,
+        "SELECT coalesce(sum(balance_minor), 0)::BIGINT FROM payments.accounts",
+    )
+    .await;
+    let finished = scalar_i64(db, "SELECT coalesce(sum(amount_minor), 0)::BIGINT FROM orders.orders WHERE status = 'FINISHED'").await;
+    assert_eq!(
+        top_ups,
+        balances + finished,
+        "top-ups = balances + FINISHED orders"
+    );
+    let debits_without_finished = scalar_i64(
+        db,
+        "SELECT count(*) FROM payments.transactions t WHERE t.kind = 'debit' AND NOT EXISTS \
+         (SELECT 1 FROM orders.orders o WHERE o.id = t.order_id AND o.status = 'FINISHED')",
+    )
+    .await;
+    assert_eq!(
+        debits_without_finished, 0,
+        "every debit belongs to a FINISHED order"
+    );
+    let finished_without_one_debit = scalar_i64(
+        db,
+        "SELECT count(*) FROM orders.orders o WHERE o.status = 'FINISHED' AND (SELECT count(*) \
+         FROM payments.transactions t WHERE t.order_id = o.id AND t.kind = 'debit') <> 1",
+    )
+    .await;
+    assert_eq!(
+        finished_without_one_debit, 0,
+        "every FINISHED order was debited exactly once"
+    );
+    let negative = scalar_i64(
+        db,
+        "SELECT count(*) FROM payments.transactions WHERE balance_after_minor < 0",
+    )
+    .await;
+    assert_eq!(negative, 0, "no balance ever went below zero");
+}
+
+/// Waits until both outboxes are empty of unsent rows (the relays caught up).
+pub async fn wait_for_outboxes_drained(db: &DatabaseConnection, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let unsent = scalar_i64(
+            db,
+            "SELECT (SELECT count(*) FROM orders.outbox WHERE sent_at IS NULL) + \
+             (SELECT count(*) FROM payments.outbox WHERE sent_at IS NULL)",
+        )
+        .await;
+        if unsent == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{unsent} outbox rows still unsent after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

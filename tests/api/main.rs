@@ -1,0 +1,9 @@
+//! One integration-test binary: each test starts Gozon in-process on a random port, with its own
+//! database and its own exchange and queue names, against the real PostgreSQL and RabbitMQ.
+
+mod helpers;
+mod openapi;
+mod orders;
+mod payments;
+mod saga;
+mod scale_out;

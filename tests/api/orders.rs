@@ -1,0 +1,160 @@
+//! Orders' endpoints: happy paths and every bad form of every parameter.
+
+use reqwest::StatusCode;
+
+use crate::helpers::{TestEnv, snapshot, spawn_app};
+use gozon::cli::Role;
+
+#[tokio::test]
+async fn an_order_is_created_new_and_can_be_read_back() {
+    let app = spawn_app().await;
+    let created = app.create_order("erin", "19.99").await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    assert_eq!(created.str("status"), "NEW");
+    assert_eq!(created.str("amount"), "19.99");
+    assert_eq!(created.str("user_id"), "erin");
+    assert!(created.body["reason"].is_null());
+    let id = created.str("id");
+    assert!(uuid::Uuid::parse_str(id).is_ok());
+    for field in ["created_at", "updated_at"] {
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(created.str(field)).is_ok(),
+            "{field}"
+        );
+    }
+
+    let read = app.order(id).await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert_eq!(read.str("id"), id);
+    assert_eq!(read.str("amount"), "19.99");
+}
+
+#[tokio::test]
+async fn a_users_orders_are_listed_newest_first_and_only_theirs() {
+    let app = spawn_app().await;
+    let mut ids = Vec::new();
+    for amount in ["1", "2", "3"] {
+        ids.push(app.create_order("fay", amount).await.str("id").to_owned());
+    }
+    app.create_order("gus", "4").await;
+
+    let listed = app.orders("fay").await;
+    assert_eq!(listed.status, StatusCode::OK);
+    let listed: Vec<&str> = listed.body["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_str().unwrap())
+        .collect();
+    ids.reverse();
+    assert_eq!(listed, ids);
+
+    let none = app.orders("nobody-at-all").await;
+    assert_eq!(none.status, StatusCode::OK);
+    assert_eq!(none.body, serde_json::json!({"orders": []}));
+}
+
+#[tokio::test]
+async fn bad_parameters_are_refused_with_json_errors_and_change_nothing() {
+    let env = TestEnv::new();
+    let app = env.spawn(Role::All).await;
+    let db = env.db().await;
+    let before = snapshot(&db).await;
+
+    let bad_user_ids = [
+        "",
+        " ",
+        "a b",
+        "' OR 1=1 --",
+        "x;DROP TABLE orders.orders",
+        "ü",
+        &"x".repeat(65),
+    ];
+    let bad_amounts = [
+        "",
+        "abc",
+        "-5",
+        "-0.01",
+        "0",
+        "0.00",
+        "1.234",
+        "1000000000000000",
+        "1000000000.01",
+        "1e3",
+        "0x10",
+        "NaN",
+        " 5",
+        "5 ",
+        "5;DROP TABLE orders.orders",
+        "1,5",
+        "+5",
+        ".5",
+        "5.",
+    ];
+
+    app.post("/api/orders/create_order", &[("amount", "5")])
+        .await
+        .assert_error(400, "missing_parameter");
+    app.post("/api/orders/create_order", &[("user_id", "hal")])
+        .await
+        .assert_error(400, "missing_parameter");
+    for user in bad_user_ids {
+        app.create_order(user, "5")
+            .await
+            .assert_error(400, "invalid_user_id");
+        app.orders(user).await.assert_error(400, "invalid_user_id");
+    }
+    for amount in bad_amounts {
+        app.create_order("hal", amount)
+            .await
+            .assert_error(400, "invalid_amount");
+    }
+    app.get("/api/orders/orders", &[])
+        .await
+        .assert_error(400, "missing_parameter");
+
+    app.get("/api/orders/order", &[])
+        .await
+        .assert_error(400, "missing_parameter");
+    for id in [
+        "",
+        "42",
+        "not-a-uuid",
+        "' OR 1=1 --",
+        "0190f5c28c1e7a9bb7a11f2e3d4c5b6a",
+    ] {
+        app.order(id).await.assert_error(400, "invalid_order_id");
+    }
+    app.order(&uuid::Uuid::new_v4().to_string())
+        .await
+        .assert_error(404, "order_not_found");
+
+    assert_eq!(
+        snapshot(&db).await,
+        before,
+        "rejected requests changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_answer_in_the_error_envelope() {
+    let app = spawn_app().await;
+    app.get("/api/nowhere", &[])
+        .await
+        .assert_error(404, "not_found");
+    app.get(
+        "/api/orders/create_order",
+        &[("user_id", "a"), ("amount", "1")],
+    )
+    .await
+    .assert_error(405, "method_not_allowed");
+}
+
+#[tokio::test]
+async fn health_endpoints_answer() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/health/live", &[]).await.status, StatusCode::OK);
+    let ready = app.get("/health/ready", &[]).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(ready.body["status"], "ok");
+}
