@@ -14,11 +14,22 @@ async fn main() -> anyhow::Result<()> {
         .find_map(|arg| arg.parse().ok())
         .unwrap_or(100);
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let database_url = format!("postgres://postgres@127.0.0.1:5432/gozon_test_bench_{}", &id[..12]);
+    let database_url = format!(
+        "postgres://postgres@127.0.0.1:5432/gozon_test_bench_{}",
+        &id[..12]
+    );
     let prefix = format!("gozon-bench.{}", &id[..12]);
     let cli = Cli::parse_from([
-        "gozon", "serve", "--database-url", &database_url, "--amqp-prefix", &prefix,
-        "--http-addr", "127.0.0.1:0", "--queue-expires-secs", "300",
+        "gozon",
+        "serve",
+        "--database-url",
+        &database_url,
+        "--amqp-prefix",
+        &prefix,
+        "--http-addr",
+        "127.0.0.1:0",
+        "--queue-expires-secs",
+        "300",
     ]);
     let Command::Serve { settings, .. } = cli.command else {
         anyhow::bail!("expected serve");
@@ -29,9 +40,14 @@ async fn main() -> anyhow::Result<()> {
     let running = tokio::spawn(app.run_until_stopped());
 
     let client = reqwest::Client::new();
-    client.post(format!("{base}/api/payments/create_account?user_id=bench")).send().await?;
     client
-        .post(format!("{base}/api/payments/add_funds?user_id=bench&amount=1000000"))
+        .post(format!("{base}/api/payments/create_account?user_id=bench"))
+        .send()
+        .await?;
+    client
+        .post(format!(
+            "{base}/api/payments/add_funds?user_id=bench&amount=1000000"
+        ))
         .send()
         .await?;
 
@@ -39,7 +55,9 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..orders {
         let started = Instant::now();
         let order: serde_json::Value = client
-            .post(format!("{base}/api/orders/create_order?user_id=bench&amount=1.00"))
+            .post(format!(
+                "{base}/api/orders/create_order?user_id=bench&amount=1.00"
+            ))
             .send()
             .await?
             .json()
@@ -55,7 +73,10 @@ async fn main() -> anyhow::Result<()> {
             if order["status"] == "FINISHED" {
                 break;
             }
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(10), "order {id} not settled: {order}");
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "order {id} not settled: {order}"
+            );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         latencies.push(started.elapsed());

@@ -17,6 +17,7 @@ use crate::messaging::amqp::Broker;
 use crate::messaging::consumer;
 use crate::messaging::outbox::Relay;
 use crate::orders::api::OrdersApi;
+use crate::orders::events::OrderEvents;
 use crate::orders::saga::PaymentResultHandler;
 use crate::payments::api::PaymentsApi;
 use crate::payments::handler::PaymentRequestHandler;
@@ -94,7 +95,9 @@ impl Application {
                 settings.consumer(),
                 shutdown.clone(),
             ));
-            OrdersApi::new(db.clone(), relay_wake)
+            let events = OrderEvents::default();
+            workers.spawn(events.clone().run(db.clone(), shutdown.clone()));
+            OrdersApi::new(db.clone(), relay_wake, events, shutdown.clone())
         });
         let payments_api = role.runs_payments().then(|| {
             let relay_wake = Arc::new(Notify::new());

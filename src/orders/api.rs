@@ -2,18 +2,22 @@
 
 use std::sync::Arc;
 
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use poem::http::StatusCode;
 use poem::middleware::ReqId;
 use poem_openapi::param::Query;
-use poem_openapi::payload::Json;
+use poem_openapi::payload::{EventStream, Json};
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 use sea_orm::DatabaseConnection;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
 
 use crate::api_errors;
 use crate::contracts::PaymentFailureReason;
 use crate::http::{ApiError, ErrorBody, parse_amount, parse_user_id};
 use crate::orders::domain::{Order, OrderId, OrderStatus};
+use crate::orders::events::OrderEvents;
 use crate::orders::{OrdersError, saga, store};
 
 #[derive(Tags)]
@@ -25,16 +29,34 @@ enum Tag {
 pub struct OrdersApi {
     db: DatabaseConnection,
     relay_wake: Arc<Notify>,
+    events: OrderEvents,
+    /// Ends open event streams when the application stops.
+    shutdown: CancellationToken,
 }
 
 impl OrdersApi {
-    pub fn new(db: DatabaseConnection, relay_wake: Arc<Notify>) -> OrdersApi {
-        OrdersApi { db, relay_wake }
+    pub fn new(
+        db: DatabaseConnection,
+        relay_wake: Arc<Notify>,
+        events: OrderEvents,
+        shutdown: CancellationToken,
+    ) -> OrdersApi {
+        OrdersApi {
+            db,
+            relay_wake,
+            events,
+            shutdown,
+        }
     }
 
     /// An instance that can describe the API but not serve it (for `gozon openapi`).
     pub fn spec_only() -> OrdersApi {
-        OrdersApi::new(DatabaseConnection::default(), Arc::new(Notify::new()))
+        OrdersApi::new(
+            DatabaseConnection::default(),
+            Arc::new(Notify::new()),
+            OrderEvents::default(),
+            CancellationToken::new(),
+        )
     }
 }
 
@@ -166,6 +188,27 @@ pub enum ListOrdersResponse {
 }
 api_errors!(ListOrdersResponse {});
 
+#[derive(ApiResponse)]
+#[oai(bad_request_handler = "OrderEventsResponse::bad_request")]
+pub enum OrderEventsResponse {
+    /// Server-Sent Events: one `message` per change of one of the user's orders (created,
+    /// FINISHED, CANCELLED), its data the order as JSON. The stream may end (a slow reader, a
+    /// restart): reconnect and re-read the list.
+    #[oai(status = 200)]
+    Ok(EventStream<BoxStream<'static, OrderBody>>),
+    /// `user_id` is missing or malformed.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+api_errors!(OrderEventsResponse {});
+
+/// How often an idle event stream sends a comment, so proxies keep it open.
+const EVENTS_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// The request id (from `X-Request-Id` or made up by the RequestId middleware) becomes the
 /// saga's correlation id. Client-sent ids are cut to a sane length.
 fn correlation_id(request: &poem::Request) -> String {
@@ -246,5 +289,39 @@ impl OrdersApi {
             })),
             Err(error) => error.into(),
         }
+    }
+
+    /// Follow a user's orders live (Server-Sent Events): each change of one of their orders
+    /// arrives as it is committed.
+    #[oai(path = "/api/orders/events", method = "get", tag = "Tag::Orders")]
+    async fn events(&self, user_id: Query<String>) -> OrderEventsResponse {
+        let user = match parse_user_id(&user_id) {
+            Ok(user) => user,
+            Err(error) => return error.into(),
+        };
+        let state = (self.events.subscribe(), user, self.shutdown.clone());
+        let stream =
+            futures_util::stream::unfold(state, |(mut receiver, user, shutdown)| async move {
+                loop {
+                    let next = tokio::select! {
+                        next = receiver.recv() => next,
+                        _ = shutdown.cancelled() => return None,
+                    };
+                    match next {
+                        Ok(order) if order.user_id == user => {
+                            return Some((OrderBody::from(order), (receiver, user, shutdown)));
+                        }
+                        Ok(_) => continue,
+                        // Lagged: this reader missed changes; end the stream so it re-reads.
+                        Err(
+                            broadcast::error::RecvError::Lagged(_)
+                            | broadcast::error::RecvError::Closed,
+                        ) => {
+                            return None;
+                        }
+                    }
+                }
+            });
+        OrderEventsResponse::Ok(EventStream::new(stream.boxed()).keep_alive(EVENTS_KEEP_ALIVE))
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod domain;
+pub mod events;
 pub mod saga;
 pub mod store;
 

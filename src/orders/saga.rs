@@ -9,9 +9,9 @@ use crate::messaging::consumer::{HandleError, Handler};
 use crate::messaging::envelope::Envelope;
 use crate::messaging::{inbox, outbox};
 use crate::money::Money;
-use crate::orders::SCHEMA;
 use crate::orders::domain::{Order, OrderId, OrderStatus};
 use crate::orders::store::{self, Settlement};
+use crate::orders::{SCHEMA, events};
 use crate::user_id::UserId;
 
 const CONSUMER: &str = "orders.payment-results";
@@ -32,6 +32,7 @@ pub async fn place_order(
         amount,
     };
     outbox::enqueue(&txn, SCHEMA, &request, correlation_id).await?;
+    events::notify_changed(&txn, order.id).await?;
     txn.commit().await?;
     relay_wake.notify_one();
     tracing::info!(order_id = %order.id, correlation_id, "order placed; payment requested");
@@ -76,6 +77,7 @@ impl Handler for PaymentResultHandler {
         }
         match store::settle_order(&txn, order_id, status).await? {
             Settlement::Settled(order) => {
+                events::notify_changed(&txn, order_id).await?;
                 txn.commit().await?;
                 tracing::info!(%order_id, status = order.status.as_str(), "order settled");
                 Ok(())
