@@ -123,7 +123,13 @@ impl Application {
         if let Some(dir) = static_dir.as_ref().filter(|dir| !dir.is_dir()) {
             tracing::warn!(dir = %dir.display(), "static folder not found; the web page is not served");
         }
-        let routes = http::routes(db.clone(), orders_api, payments_api, static_dir);
+        let routes = http::routes(
+            db.clone(),
+            broker.links().clone(),
+            orders_api,
+            payments_api,
+            static_dir,
+        );
 
         let listener = tokio::net::TcpListener::bind(settings.http_addr)
             .await

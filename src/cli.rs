@@ -33,6 +33,18 @@ pub enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Check across both schemas that money is conserved and every order is settled or in
+    /// flight; print what is wrong and exit non-zero if anything is.
+    Audit {
+        #[arg(long, env = "DATABASE_URL", default_value = crate::config::DEFAULT_DATABASE_URL)]
+        database_url: String,
+        /// An order NEW for longer than this many seconds is reported as stuck.
+        #[arg(long, default_value_t = 60)]
+        stuck_after_secs: u64,
+        /// An outbox message unsent for longer than this many seconds is reported as stuck.
+        #[arg(long, default_value_t = 60)]
+        outbox_stale_after_secs: u64,
+    },
     /// Print the OpenAPI spec as YAML (what `openapi.yaml` holds), or write it to a file.
     Openapi {
         #[arg(long)]

@@ -8,6 +8,14 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbE
 /// when it does not exist yet.
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
     ensure_database_exists(url).await?;
+    connect_existing(url, max_connections).await
+}
+
+/// Connects to a database that must already exist.
+pub async fn connect_existing(
+    url: &str,
+    max_connections: u32,
+) -> Result<DatabaseConnection, DbErr> {
     let mut options = ConnectOptions::new(url.to_owned());
     options
         .max_connections(max_connections)

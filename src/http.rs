@@ -11,6 +11,7 @@ use poem::{EndpointExt, IntoResponse, Response, Route, get, handler};
 use poem_openapi::{Object, OpenApiService};
 use sea_orm::{DatabaseConnection, DbErr};
 
+use crate::messaging::amqp::BrokerLinks;
 use crate::orders::api::OrdersApi;
 use crate::payments::api::PaymentsApi;
 
@@ -144,6 +145,7 @@ pub fn openapi_yaml() -> String {
 /// envelope for errors that happen outside our handlers (unknown path, wrong method).
 pub fn routes(
     db: DatabaseConnection,
+    links: BrokerLinks,
     orders: Option<OrdersApi>,
     payments: Option<PaymentsApi>,
     static_dir: Option<PathBuf>,
@@ -151,7 +153,7 @@ pub fn routes(
     let version = env!("CARGO_PKG_VERSION");
     let route = Route::new()
         .at("/health/live", get(live))
-        .at("/health/ready", get(ready).data(db));
+        .at("/health/ready", get(ready).data(db).data(links));
     // Operation paths already start with /api, so the prefix is not stripped.
     let route = match (orders, payments) {
         (Some(orders), Some(payments)) => {
@@ -208,20 +210,32 @@ fn live() -> PoemJson<serde_json::Value> {
     PoemJson(serde_json::json!({"status": "ok"}))
 }
 
+/// Ready when the database answers and every relay and consumer of this process is connected
+/// to the broker.
 #[handler]
-async fn ready(db: poem::web::Data<&DatabaseConnection>) -> Response {
-    match db.ping().await {
-        Ok(()) => PoemJson(serde_json::json!({"status": "ok"})).into_response(),
-        Err(error) => {
-            tracing::warn!(%error, "not ready: database unreachable");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "service_unavailable",
-                "the database is unreachable",
-            )
-            .into_response()
-        }
+async fn ready(
+    db: poem::web::Data<&DatabaseConnection>,
+    links: poem::web::Data<&BrokerLinks>,
+) -> Response {
+    if let Err(error) = db.ping().await {
+        tracing::warn!(%error, "not ready: database unreachable");
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "the database is unreachable",
+        )
+        .into_response();
     }
+    let down = links.down();
+    if !down.is_empty() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            format!("not connected to the broker: {}", down.join(", ")),
+        )
+        .into_response();
+    }
+    PoemJson(serde_json::json!({"status": "ok"})).into_response()
 }
 
 /// Parses the `user_id` query parameter, or says why it is not one.

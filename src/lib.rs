@@ -4,6 +4,7 @@
 //! through [`contracts`] carried by [`messaging`] (transactional outbox -> RabbitMQ -> inbox).
 
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod contracts;

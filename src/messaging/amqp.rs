@@ -4,9 +4,10 @@
 //! lapin's own auto-recovery is left off on purpose: each task owns one connection and, on any
 //! error, drops it and builds everything again (see `supervise`).
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -44,6 +45,37 @@ pub struct BrokerSettings {
 pub struct Broker {
     settings: Arc<BrokerSettings>,
     queues: Arc<Vec<QueueSpec>>,
+    links: BrokerLinks,
+}
+
+/// Which broker-facing tasks (relays, consumers) of this process are connected right now;
+/// the readiness check reports the ones that are not.
+#[derive(Clone, Debug, Default)]
+pub struct BrokerLinks {
+    tasks: Arc<Mutex<BTreeMap<String, bool>>>,
+}
+
+impl BrokerLinks {
+    pub fn set(&self, task: &str, connected: bool) {
+        let mut tasks = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        tasks.insert(task.to_owned(), connected);
+    }
+
+    /// The tasks that are not connected.
+    pub fn down(&self) -> Vec<String> {
+        let tasks = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        tasks
+            .iter()
+            .filter(|(_, up)| !**up)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,11 +95,16 @@ impl Broker {
         Broker {
             settings: Arc::new(settings),
             queues: Arc::new(queues),
+            links: BrokerLinks::default(),
         }
     }
 
     pub fn settings(&self) -> &BrokerSettings {
         &self.settings
+    }
+
+    pub fn links(&self) -> &BrokerLinks {
+        &self.links
     }
 
     pub fn events_exchange(&self) -> String {
@@ -223,6 +260,7 @@ pub async fn connect_until_ready(
     confirms: bool,
     shutdown: &CancellationToken,
 ) -> Option<(Connection, Channel)> {
+    broker.links.set(name, false);
     let failures = AtomicU32::new(0);
     let attempt = || broker.open_channel(name, confirms);
     let retrying = attempt
@@ -238,6 +276,7 @@ pub async fn connect_until_ready(
     tokio::select! {
         result = retrying => match result {
             Ok(opened) => {
+                broker.links.set(name, true);
                 let failures = failures.load(Ordering::Relaxed);
                 if failures > 0 {
                     tracing::info!(task = name, attempts = failures + 1, "broker connection recovered");

@@ -62,11 +62,13 @@ impl TestEnv {
         let port = application.port();
         let shutdown = application.shutdown_token();
         tokio::spawn(application.run_until_stopped());
-        TestApp {
+        let app = TestApp {
             address: format!("http://127.0.0.1:{port}"),
             client: reqwest::Client::new(),
             shutdown,
-        }
+        };
+        app.wait_until_ready().await;
+        app
     }
 
     /// A connection of the test's own, to assert invariants across both schemas.
@@ -89,6 +91,13 @@ pub struct TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl TestApp {
+    /// Stops the app (gracefully, in the background).
+    pub fn shutdown(&self) {
         self.shutdown.cancel();
     }
 }
@@ -120,6 +129,24 @@ impl Reply {
 }
 
 impl TestApp {
+    /// Waits for /health/ready: database reachable, every relay and consumer connected (so
+    /// the broker topology exists).
+    pub async fn wait_until_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = self
+                .client
+                .get(format!("{}/health/ready", self.address))
+                .send()
+                .await;
+            if ready.is_ok_and(|r| r.status() == StatusCode::OK) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the app did not become ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn request(
         &self,
         method: reqwest::Method,

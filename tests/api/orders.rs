@@ -158,3 +158,46 @@ async fn health_endpoints_answer() {
     assert_eq!(ready.status, StatusCode::OK);
     assert_eq!(ready.body["status"], "ok");
 }
+
+#[tokio::test]
+async fn readiness_waits_for_the_broker() {
+    // An app whose broker cannot be reached is alive but not ready, and says why.
+    let env = crate::helpers::TestEnv::new();
+    let mut settings = env.settings();
+    settings.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2f".to_owned();
+    let app = gozon::app::Application::build(&settings, Role::Payments)
+        .await
+        .unwrap();
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let stop = app.shutdown_token();
+    tokio::spawn(app.run_until_stopped());
+    let client = reqwest::Client::new();
+    assert_eq!(
+        client
+            .get(format!("{base}/health/live"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let ready = client
+        .get(format!("{base}/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("broker"),
+        "{body}"
+    );
+    // Requests that need only the database still work.
+    let created = client
+        .post(format!("{base}/api/payments/create_account?user_id=u"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    stop.cancel();
+}

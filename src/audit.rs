@@ -1,0 +1,239 @@
+//! `gozon audit`: reads both schemas and reports every broken invariant of the saga.
+//!
+//! This is an operator's view across the two contexts, so it is the one place that reads both
+//! schemas; it never writes. Invariants:
+//! - each account's balance equals its top-ups minus its debits (the ledger adds up);
+//! - money is conserved: top-ups = balances + FINISHED orders + debits still in flight;
+//! - every debit belongs to an existing order that is FINISHED (or still NEW, in flight);
+//! - every FINISHED order was debited exactly once, for its amount;
+//! - no order stays NEW longer than a threshold; no outbox row stays unsent longer than one.
+
+use std::fmt;
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
+
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    /// An order NEW for longer than this is stuck.
+    pub stuck_after: Duration,
+    /// An unsent outbox row older than this is stuck.
+    pub outbox_stale_after: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    /// One line per offending row (at most [`MAX_EXAMPLES`]); empty when the check passed.
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditReport {
+    pub checks: Vec<Check>,
+    pub totals: Totals,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub top_ups_minor: i64,
+    pub balances_minor: i64,
+    pub finished_minor: i64,
+    pub in_flight_debits_minor: i64,
+    pub orders: i64,
+    pub orders_new: i64,
+}
+
+const MAX_EXAMPLES: i64 = 20;
+
+impl AuditReport {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|check| check.problems.is_empty())
+    }
+
+    pub fn failed_checks(&self) -> Vec<&'static str> {
+        self.checks
+            .iter()
+            .filter(|c| !c.problems.is_empty())
+            .map(|c| c.name)
+            .collect()
+    }
+}
+
+fn money(minor: i64) -> String {
+    let sign = if minor < 0 { "-" } else { "" };
+    let minor = minor.unsigned_abs();
+    format!("{sign}{}.{:02}", minor / 100, minor % 100)
+}
+
+impl fmt::Display for AuditReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = &self.totals;
+        writeln!(
+            f,
+            "orders: {} ({} NEW); top-ups {} = balances {} + FINISHED {} + in-flight debits {}",
+            t.orders,
+            t.orders_new,
+            money(t.top_ups_minor),
+            money(t.balances_minor),
+            money(t.finished_minor),
+            money(t.in_flight_debits_minor)
+        )?;
+        for check in &self.checks {
+            let verdict = if check.problems.is_empty() {
+                "ok  "
+            } else {
+                "FAIL"
+            };
+            writeln!(f, "{verdict} {}", check.name)?;
+            for problem in &check.problems {
+                writeln!(f, "       {problem}")?;
+            }
+        }
+        write!(
+            f,
+            "{}",
+            if self.passed() {
+                "audit passed"
+            } else {
+                "audit FAILED"
+            }
+        )
+    }
+}
+
+async fn scalar(db: &DatabaseConnection, sql: &str) -> Result<i64, DbErr> {
+    let row = db
+        .query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+        .await?
+        .ok_or_else(|| DbErr::Custom(format!("no row from {sql}")))?;
+    row.try_get_by_index::<i64>(0)
+}
+
+/// Runs `sql`, whose rows are one text column each describing a problem.
+async fn problems(db: &DatabaseConnection, sql: &str) -> Result<Vec<String>, DbErr> {
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            format!("{sql} LIMIT {MAX_EXAMPLES}"),
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| row.try_get_by_index::<String>(0))
+        .collect()
+}
+
+pub async fn audit(
+    db: &DatabaseConnection,
+    settings: &AuditSettings,
+) -> Result<AuditReport, DbErr> {
+    let stuck = settings.stuck_after.as_secs_f64();
+    let stale = settings.outbox_stale_after.as_secs_f64();
+    let totals = Totals {
+        top_ups_minor: scalar(db, "SELECT coalesce(sum(amount_minor), 0)::BIGINT FROM payments.transactions WHERE kind = 'top_up'").await?,
+        balances_minor: scalar(db, "SELECT coalesce(sum(balance_minor), 0)::BIGINT FROM payments.accounts").await?,
+        finished_minor: scalar(db, "SELECT coalesce(sum(amount_minor), 0)::BIGINT FROM orders.orders WHERE status = 'FINISHED'").await?,
+        in_flight_debits_minor: scalar(
+            db,
+            "SELECT coalesce(sum(t.amount_minor), 0)::BIGINT FROM payments.transactions t \
+             JOIN orders.orders o ON o.id = t.order_id WHERE t.kind = 'debit' AND o.status = 'NEW'",
+        )
+        .await?,
+        orders: scalar(db, "SELECT count(*) FROM orders.orders").await?,
+        orders_new: scalar(db, "SELECT count(*) FROM orders.orders WHERE status = 'NEW'").await?,
+    };
+
+    let mut checks = Vec::new();
+    checks.push(Check {
+        name: "every balance equals its top-ups minus its debits",
+        problems: problems(
+            db,
+            "SELECT format('account %s: balance %s, ledger says %s', a.user_id, a.balance_minor, \
+                    coalesce(l.net, 0)) \
+             FROM payments.accounts a LEFT JOIN ( \
+                 SELECT user_id, sum(CASE kind WHEN 'top_up' THEN amount_minor ELSE -amount_minor END) AS net \
+                 FROM payments.transactions GROUP BY user_id) l ON l.user_id = a.user_id \
+             WHERE a.balance_minor <> coalesce(l.net, 0) ORDER BY a.user_id",
+        )
+        .await?,
+    });
+    let conserved = totals.top_ups_minor
+        == totals.balances_minor + totals.finished_minor + totals.in_flight_debits_minor;
+    checks.push(Check {
+        name: "money conserved: top-ups = balances + FINISHED orders + in-flight debits",
+        problems: if conserved {
+            Vec::new()
+        } else {
+            vec![format!(
+                "top-ups {} but balances {} + FINISHED {} + in flight {} = {}",
+                money(totals.top_ups_minor),
+                money(totals.balances_minor),
+                money(totals.finished_minor),
+                money(totals.in_flight_debits_minor),
+                money(
+                    totals.balances_minor + totals.finished_minor + totals.in_flight_debits_minor
+                )
+            )]
+        },
+    });
+    checks.push(Check {
+        name: "every debit belongs to an order",
+        problems: problems(
+            db,
+            "SELECT format('debit %s of %s for unknown order %s', t.id, t.amount_minor, t.order_id) \
+             FROM payments.transactions t WHERE t.kind = 'debit' \
+             AND NOT EXISTS (SELECT 1 FROM orders.orders o WHERE o.id = t.order_id) ORDER BY t.id",
+        )
+        .await?,
+    });
+    checks.push(Check {
+        name: "no CANCELLED order was debited",
+        problems: problems(
+            db,
+            "SELECT format('order %s is CANCELLED (%s) but debit %s took %s', o.id, o.reason, t.id, t.amount_minor) \
+             FROM orders.orders o JOIN payments.transactions t ON t.order_id = o.id \
+             WHERE o.status = 'CANCELLED' ORDER BY o.created_at",
+        )
+        .await?,
+    });
+    checks.push(Check {
+        name: "every FINISHED order was debited exactly once, for its amount",
+        problems: problems(
+            db,
+            "SELECT format('order %s (%s) FINISHED with %s debit(s) totalling %s', o.id, o.amount_minor, \
+                    count(t.id), coalesce(sum(t.amount_minor), 0)) \
+             FROM orders.orders o LEFT JOIN payments.transactions t \
+                  ON t.order_id = o.id AND t.kind = 'debit' \
+             WHERE o.status = 'FINISHED' GROUP BY o.id, o.amount_minor \
+             HAVING count(t.id) <> 1 OR coalesce(sum(t.amount_minor), 0) <> o.amount_minor",
+        )
+        .await?,
+    });
+    checks.push(Check {
+        name: "no order stuck in NEW",
+        problems: problems(
+            db,
+            &format!(
+                "SELECT format('order %s NEW since %s', id, created_at) FROM orders.orders \
+                 WHERE status = 'NEW' AND created_at < clock_timestamp() - make_interval(secs => {stuck}) \
+                 ORDER BY created_at"
+            ),
+        )
+        .await?,
+    });
+    checks.push(Check {
+        name: "no outbox message stuck unsent",
+        problems: problems(
+            db,
+            &format!(
+                "SELECT format('%s outbox message %s (%s) unsent since %s', schema, message_id, message_type, created_at) \
+                 FROM (SELECT 'orders' AS schema, * FROM orders.outbox UNION ALL \
+                       SELECT 'payments', * FROM payments.outbox) AS outbox \
+                 WHERE sent_at IS NULL AND created_at < clock_timestamp() - make_interval(secs => {stale}) \
+                 ORDER BY created_at"
+            ),
+        )
+        .await?,
+    });
+    Ok(AuditReport { checks, totals })
+}
