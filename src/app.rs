@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::Role;
 use crate::config::Settings;
-use crate::messaging::amqp::Broker;
-use crate::messaging::consumer;
-use crate::messaging::outbox::Relay;
+use crate::messaging::amqp::{Broker, QueueSpec};
+use crate::messaging::consumer::{self, Handler};
+use crate::messaging::outbox::{Housekeeper, Relay};
 use crate::orders::api::OrdersApi;
 use crate::orders::events::OrderEvents;
 use crate::orders::saga::PaymentResultHandler;
@@ -80,42 +80,40 @@ impl Application {
 
         let orders_api = role.runs_orders().then(|| {
             let relay_wake = Arc::new(Notify::new());
-            let relay = Relay::new(
-                db.clone(),
-                orders::SCHEMA,
-                broker.clone(),
-                relay_wake.clone(),
-                settings.relay(),
+            let handler = Arc::new(PaymentResultHandler::new(db.clone()));
+            let context = ContextMessaging {
+                schema: orders::SCHEMA,
+                queue: orders::PAYMENT_RESULTS,
+            };
+            context.spawn(
+                &mut workers,
+                settings,
+                &db,
+                &broker,
+                &relay_wake,
+                handler,
+                &shutdown,
             );
-            workers.spawn(relay.run(shutdown.clone()));
-            workers.spawn(consumer::run(
-                broker.clone(),
-                orders::PAYMENT_RESULTS,
-                Arc::new(PaymentResultHandler::new(db.clone())),
-                settings.consumer(),
-                shutdown.clone(),
-            ));
             let events = OrderEvents::default();
             workers.spawn(events.clone().run(db.clone(), shutdown.clone()));
             OrdersApi::new(db.clone(), relay_wake, events, shutdown.clone())
         });
         let payments_api = role.runs_payments().then(|| {
             let relay_wake = Arc::new(Notify::new());
-            let relay = Relay::new(
-                db.clone(),
-                payments::SCHEMA,
-                broker.clone(),
-                relay_wake.clone(),
-                settings.relay(),
+            let handler = Arc::new(PaymentRequestHandler::new(db.clone(), relay_wake.clone()));
+            let context = ContextMessaging {
+                schema: payments::SCHEMA,
+                queue: payments::PAYMENT_REQUESTS,
+            };
+            context.spawn(
+                &mut workers,
+                settings,
+                &db,
+                &broker,
+                &relay_wake,
+                handler,
+                &shutdown,
             );
-            workers.spawn(relay.run(shutdown.clone()));
-            workers.spawn(consumer::run(
-                broker.clone(),
-                payments::PAYMENT_REQUESTS,
-                Arc::new(PaymentRequestHandler::new(db.clone(), relay_wake)),
-                settings.consumer(),
-                shutdown.clone(),
-            ));
             PaymentsApi::new(db.clone())
         });
 
@@ -181,6 +179,44 @@ impl Application {
         server_result.context("the HTTP server task panicked")??;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// A context's messaging: the relay and housekeeper of its outbox, and the consumer of its queue.
+struct ContextMessaging {
+    schema: &'static str,
+    queue: QueueSpec,
+}
+
+impl ContextMessaging {
+    #[allow(clippy::too_many_arguments)]
+    fn spawn<H: Handler>(
+        self,
+        workers: &mut JoinSet<()>,
+        settings: &Settings,
+        db: &DatabaseConnection,
+        broker: &Broker,
+        relay_wake: &Arc<Notify>,
+        handler: Arc<H>,
+        shutdown: &CancellationToken,
+    ) {
+        let relay = Relay::new(
+            db.clone(),
+            self.schema,
+            broker.clone(),
+            relay_wake.clone(),
+            settings.relay(),
+        );
+        workers.spawn(relay.run(shutdown.clone()));
+        let housekeeper = Housekeeper::new(db.clone(), self.schema, settings.housekeeping());
+        workers.spawn(housekeeper.run(shutdown.clone()));
+        workers.spawn(consumer::run(
+            broker.clone(),
+            self.queue,
+            handler,
+            settings.consumer(),
+            shutdown.clone(),
+        ));
     }
 }
 

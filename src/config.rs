@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 
 use crate::messaging::amqp::BrokerSettings;
 use crate::messaging::consumer::ConsumerSettings;
-use crate::messaging::outbox::RelaySettings;
+use crate::messaging::outbox::{HousekeepingSettings, RelaySettings};
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/gozon";
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -58,6 +58,14 @@ pub struct Settings {
     #[arg(long, env = "GOZON_OUTBOX_BATCH", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub outbox_batch: u32,
 
+    /// Sent outbox rows are deleted after this many seconds.
+    #[arg(long, env = "GOZON_OUTBOX_RETENTION_SECS", default_value_t = 86_400)]
+    pub outbox_retention_secs: u64,
+
+    /// How often, in milliseconds, sent outbox rows are purged and the backlog is measured.
+    #[arg(long, env = "GOZON_OUTBOX_HOUSEKEEPING_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub outbox_housekeeping_ms: u64,
+
     /// Address the HTTP server listens on.
     #[arg(long, env = "GOZON_HTTP_ADDR", default_value = "0.0.0.0:8000")]
     pub http_addr: SocketAddr,
@@ -95,6 +103,15 @@ impl Settings {
         }
     }
 
+    pub fn housekeeping(&self) -> HousekeepingSettings {
+        HousekeepingSettings {
+            retention: Duration::from_secs(self.outbox_retention_secs),
+            interval: Duration::from_millis(self.outbox_housekeeping_ms),
+            backlog_warning: 1_000,
+            backlog_age_warning: Duration::from_secs(30),
+        }
+    }
+
     pub fn consumer(&self) -> ConsumerSettings {
         ConsumerSettings {
             prefetch: self.prefetch,
@@ -129,6 +146,8 @@ impl fmt::Debug for Settings {
             .field("amqp_timeout_ms", &self.amqp_timeout_ms)
             .field("outbox_poll_ms", &self.outbox_poll_ms)
             .field("outbox_batch", &self.outbox_batch)
+            .field("outbox_retention_secs", &self.outbox_retention_secs)
+            .field("outbox_housekeeping_ms", &self.outbox_housekeeping_ms)
             .field("http_addr", &self.http_addr)
             .field("static_dir", &self.static_dir)
             .field("log_format", &self.log_format)

@@ -69,6 +69,24 @@ async fn ensure_database_exists(url: &str) -> Result<(), DbErr> {
     admin.close().await
 }
 
+/// Whether `error` means the database cannot be reached right now (as opposed to a query
+/// that failed): connection refused or lost, pool exhausted, database not accepting connections.
+pub fn is_unavailable(error: &DbErr) -> bool {
+    if matches!(error, DbErr::ConnectionAcquire(_) | DbErr::Conn(_)) {
+        return true;
+    }
+    let text = error.to_string().to_ascii_lowercase();
+    [
+        "connection",
+        "communicating with database",
+        "pool timed out",
+        "io error",
+        "broken pipe",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+}
+
 /// `postgres://u@h:5432/gozon?x=y` -> (`postgres://u@h:5432`, `gozon`).
 fn split_database_name(url: &str) -> Option<(&str, &str)> {
     let without_query = url.split('?').next()?;

@@ -24,15 +24,23 @@ pub enum HandleError {
     /// it goes to the dead-letter queue at once.
     #[error("poison message: {0}")]
     Poison(String),
-    /// Applying it failed for a reason that may pass (database down): it is requeued, and
-    /// dead-lettered by the broker once its delivery limit is reached.
+    /// Applying it failed for a reason that may pass: it is requeued, and dead-lettered by
+    /// the broker once its delivery limit is reached.
     #[error("transient failure: {0}")]
     Transient(String),
+    /// The database cannot be reached: not the message's fault, so it is not counted against
+    /// its delivery limit. The consumer keeps it and tries again with backoff.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl From<sea_orm::DbErr> for HandleError {
     fn from(error: sea_orm::DbErr) -> Self {
-        HandleError::Transient(error.to_string())
+        if crate::db::is_unavailable(&error) {
+            HandleError::Unavailable(error.to_string())
+        } else {
+            HandleError::Transient(error.to_string())
+        }
     }
 }
 
@@ -121,7 +129,24 @@ async fn consume<H: Handler>(
             Some(Err(error)) => return Err(error.into()),
             None => return Err(AmqpError::ConsumerCancelled),
         };
-        let outcome = handle_delivery(handler, &delivery).await;
+        let mut outcome = handle_delivery(handler, &delivery).await;
+        let mut unavailable_for = 0u32;
+        while let Err(HandleError::Unavailable(reason)) = &outcome {
+            unavailable_for += 1;
+            let pause = Duration::from_millis(100 * u64::from(unavailable_for.min(50)));
+            if unavailable_for == 1 {
+                tracing::warn!(queue = queue_name, %reason, "database unavailable; holding the message and retrying");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                // Shutting down: hand the message back uncounted by the handler's logic.
+                _ = shutdown.cancelled() => break,
+            }
+            outcome = handle_delivery(handler, &delivery).await;
+        }
+        if unavailable_for > 0 && outcome.is_ok() {
+            tracing::info!(queue = queue_name, "database back; message applied");
+        }
         match outcome {
             Ok(()) => {
                 transient_failures = 0;
@@ -135,7 +160,7 @@ async fn consume<H: Handler>(
                     .timed(delivery.acker.reject(BasicRejectOptions { requeue: false }))
                     .await?;
             }
-            Err(HandleError::Transient(reason)) => {
+            Err(HandleError::Transient(reason) | HandleError::Unavailable(reason)) => {
                 // Pause before handing it back, so an outage does not burn through the
                 // delivery limit in a tight loop.
                 transient_failures += 1;

@@ -182,10 +182,10 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let name = format!("{}-outbox-relay", self.schema);
         let mut db_backoff = Duration::ZERO;
-        'connect: while let Some((_connection, channel)) =
+        while let Some((connection, channel)) =
             connect_until_ready(&self.broker, &name, true, &shutdown).await
         {
-            loop {
+            let lost_broker = loop {
                 match self.drain(&channel).await {
                     Ok(()) => db_backoff = Duration::ZERO,
                     Err(RelayError::Db(error)) => {
@@ -194,19 +194,27 @@ impl Relay {
                         tracing::warn!(task = %name, %error, retry_in = ?db_backoff, "outbox relay cannot read the database");
                         tokio::select! {
                             _ = tokio::time::sleep(db_backoff) => continue,
-                            _ = shutdown.cancelled() => break 'connect,
+                            _ = shutdown.cancelled() => break false,
                         }
                     }
                     Err(error) => {
                         tracing::warn!(task = %name, %error, "outbox relay lost the broker; reconnecting");
-                        continue 'connect;
+                        break true;
                     }
                 }
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                    _ = shutdown.cancelled() => break 'connect,
+                    _ = shutdown.cancelled() => break false,
                 }
+            };
+            // Whatever state it is in, this connection is done with: close it, bounded.
+            let _ = self
+                .broker
+                .timed(connection.close(200, "relay done".into()))
+                .await;
+            if !lost_broker {
+                break;
             }
         }
         tracing::info!(task = %name, "outbox relay stopped");
@@ -215,5 +223,142 @@ impl Relay {
     async fn drain(&self, channel: &Channel) -> Result<(), RelayError> {
         while self.relay_once(channel).await? == self.settings.batch_size as usize {}
         Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct HousekeepingSettings {
+    /// Sent rows older than this are deleted.
+    pub retention: Duration,
+    pub interval: Duration,
+    /// A backlog larger than this, or older than `backlog_age_warning`, is logged as a warning.
+    pub backlog_warning: i64,
+    pub backlog_age_warning: Duration,
+}
+
+/// Keeps an outbox table from growing without bound, and says so when its backlog grows.
+pub struct Housekeeper {
+    db: DatabaseConnection,
+    schema: &'static str,
+    settings: HousekeepingSettings,
+}
+
+/// The unsent part of an outbox.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backlog {
+    pub unsent: i64,
+    pub oldest_age_secs: f64,
+}
+
+impl Housekeeper {
+    pub fn new(
+        db: DatabaseConnection,
+        schema: &'static str,
+        settings: HousekeepingSettings,
+    ) -> Housekeeper {
+        Housekeeper {
+            db,
+            schema,
+            settings,
+        }
+    }
+
+    /// Deletes sent rows older than the retention, a bounded batch per statement so that a
+    /// long backlog of deletions never holds locks for long. Returns how many went.
+    pub async fn purge_sent(&self) -> Result<u64, DbErr> {
+        let schema = self.schema;
+        let retention = self.settings.retention.as_secs_f64();
+        let mut deleted = 0;
+        loop {
+            let result = self
+                .db
+                .execute_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    format!(
+                        "DELETE FROM {schema}.outbox WHERE seq IN (SELECT seq FROM {schema}.outbox \
+                         WHERE sent_at < clock_timestamp() - make_interval(secs => {retention}) \
+                         LIMIT 5000)"
+                    ),
+                ))
+                .await?;
+            deleted += result.rows_affected();
+            if result.rows_affected() < 5000 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    pub async fn backlog(&self) -> Result<Backlog, DbErr> {
+        let schema = self.schema;
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                format!(
+                    "SELECT count(*) AS unsent, coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::FLOAT8 AS age \
+                     FROM {schema}.outbox WHERE sent_at IS NULL"
+                ),
+            ))
+            .await?
+            .ok_or_else(|| DbErr::Custom("no backlog row".into()))?;
+        Ok(Backlog {
+            unsent: row.try_get("", "unsent")?,
+            oldest_age_secs: row.try_get("", "age")?,
+        })
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let schema = self.schema;
+        let mut warned_at: Option<i64> = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.interval) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            match self.purge_sent().await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::debug!(schema, deleted, "purged sent outbox rows"),
+                Err(error) => tracing::warn!(schema, %error, "cannot purge the outbox"),
+            }
+            let backlog = match self.backlog().await {
+                Ok(backlog) => backlog,
+                Err(error) => {
+                    tracing::warn!(schema, %error, "cannot measure the outbox backlog");
+                    continue;
+                }
+            };
+            let large = backlog.unsent > self.settings.backlog_warning
+                || backlog.oldest_age_secs > self.settings.backlog_age_warning.as_secs_f64();
+            match (large, warned_at) {
+                // Warn when it first grows too large, then each time it doubles.
+                (true, None) => {
+                    tracing::warn!(
+                        schema,
+                        unsent = backlog.unsent,
+                        oldest_age_secs = backlog.oldest_age_secs,
+                        "outbox backlog is growing"
+                    );
+                    warned_at = Some(backlog.unsent.max(1));
+                }
+                (true, Some(last)) if backlog.unsent >= last * 2 => {
+                    tracing::warn!(
+                        schema,
+                        unsent = backlog.unsent,
+                        oldest_age_secs = backlog.oldest_age_secs,
+                        "outbox backlog is still growing"
+                    );
+                    warned_at = Some(backlog.unsent);
+                }
+                (false, Some(_)) => {
+                    tracing::info!(
+                        schema,
+                        unsent = backlog.unsent,
+                        "outbox backlog back to normal"
+                    );
+                    warned_at = None;
+                }
+                _ => {}
+            }
+        }
     }
 }

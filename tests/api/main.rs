@@ -6,6 +6,7 @@ mod events;
 mod helpers;
 mod openapi;
 mod orders;
+mod outage;
 mod payments;
 mod saga;
 mod scale_out;

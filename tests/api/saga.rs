@@ -303,3 +303,44 @@ async fn an_app_with_only_the_all_role_serves_both_apis() {
     assert_eq!(app.create_account("oli").await.status, StatusCode::CREATED);
     assert_eq!(app.orders("oli").await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn sent_outbox_rows_are_purged_after_the_retention() {
+    let env = TestEnv::new();
+    let mut settings = env.settings();
+    settings.outbox_retention_secs = 0;
+    settings.outbox_housekeeping_ms = 100;
+    let application = gozon::app::Application::build(&settings, Role::All)
+        .await
+        .unwrap();
+    let base = format!("http://127.0.0.1:{}", application.port());
+    let stop = application.shutdown_token();
+    tokio::spawn(application.run_until_stopped());
+    let client = reqwest::Client::new();
+    let order: serde_json::Value = client
+        .post(format!(
+            "{base}/api/orders/create_order?user_id=purge&amount=1"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(order["status"], "NEW");
+    let db = env.db().await;
+    // The request was sent, answered (CANCELLED, no account) and both rows purged.
+    wait_for_scalar(
+        &db,
+        "SELECT count(*) FROM orders.orders WHERE status = 'CANCELLED'",
+        1,
+    )
+    .await;
+    wait_for_scalar(
+        &db,
+        "SELECT (SELECT count(*) FROM orders.outbox) + (SELECT count(*) FROM payments.outbox)",
+        0,
+    )
+    .await;
+    stop.cancel();
+}

@@ -1,0 +1,87 @@
+//! A PostgreSQL outage of this app's database: requests answer 503 meanwhile, and everything
+//! recovers by itself when the database returns.
+
+use std::time::{Duration, Instant};
+
+use gozon::audit::{AuditSettings, audit};
+use gozon::cli::Role;
+use sea_orm::{ConnectionTrait, Database};
+
+use crate::helpers::{POSTGRES, TestEnv, wait_for_outboxes_drained};
+
+async fn admin(sql: &str) {
+    let db = Database::connect(format!("{POSTGRES}/postgres"))
+        .await
+        .unwrap();
+    db.execute_unprepared(sql).await.unwrap();
+    db.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_database_outage_answers_503_and_heals_by_itself() {
+    let env = TestEnv::new();
+    let app = env.spawn(Role::All).await;
+    app.funded_account("pia", "100").await;
+    let name = env.database_url.rsplit('/').next().unwrap().to_owned();
+
+    // Refuse new connections to this database and cut the existing ones.
+    admin(&format!(
+        "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = '{name}' AND pid <> pg_backend_pid();"
+    ))
+    .await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = app.balance("pia").await;
+        if reply.status == 503 {
+            reply.assert_error(503, "service_unavailable");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no 503 during the outage: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.create_order("pia", "10")
+        .await
+        .assert_error(503, "service_unavailable");
+    app.get("/health/ready", &[])
+        .await
+        .assert_error(503, "service_unavailable");
+    assert_eq!(
+        app.get("/health/live", &[]).await.status,
+        200,
+        "the process stays alive"
+    );
+
+    admin(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true")).await;
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while app.balance("pia").await.status != 200 {
+        assert!(Instant::now() < deadline, "the app did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.wait_until_ready().await;
+    let order = app.create_order("pia", "10").await;
+    let order = app
+        .wait_until_final(order.str("id"), Duration::from_secs(10))
+        .await;
+    assert_eq!(order.str("status"), "FINISHED");
+    assert_eq!(app.balance("pia").await.str("balance"), "90.00");
+
+    let db = env.db().await;
+    wait_for_outboxes_drained(&db, Duration::from_secs(5)).await;
+    let report = audit(
+        &db,
+        &AuditSettings {
+            stuck_after: Duration::from_secs(60),
+            outbox_stale_after: Duration::from_secs(60),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(report.passed(), "{report}");
+}
