@@ -11,10 +11,11 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::Role;
+use crate::cli::{DlqAction, DlqQueue, Role};
 use crate::config::Settings;
 use crate::messaging::amqp::{Broker, QueueSpec};
 use crate::messaging::consumer::{self, Handler};
+use crate::messaging::dlq;
 use crate::messaging::outbox::{Housekeeper, Relay};
 use crate::orders::api::OrdersApi;
 use crate::orders::events::OrderEvents;
@@ -180,6 +181,51 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// `gozon dlq list|replay`: prints one line per dead letter.
+pub async fn dead_letters(action: DlqAction) -> anyhow::Result<()> {
+    let queue_of = |queue: DlqQueue| match queue {
+        DlqQueue::Payments => payments::PAYMENT_REQUESTS,
+        DlqQueue::Orders => orders::PAYMENT_RESULTS,
+    };
+    let (letters, verb) = match action {
+        DlqAction::List {
+            queue,
+            limit,
+            settings,
+        } => (
+            dlq::list(&broker(&settings), &queue_of(queue), limit).await?,
+            "dead letter",
+        ),
+        DlqAction::Replay {
+            queue,
+            limit,
+            message_id,
+            settings,
+        } => (
+            dlq::replay(
+                &broker(&settings),
+                &queue_of(queue),
+                limit,
+                message_id.as_deref(),
+            )
+            .await?,
+            "replayed",
+        ),
+    };
+    for letter in &letters {
+        println!(
+            "{verb}: id={} type={} reason={} routing_key={} body={}",
+            letter.message_id.as_deref().unwrap_or("-"),
+            letter.message_type.as_deref().unwrap_or("-"),
+            letter.reason.as_deref().unwrap_or("-"),
+            letter.routing_key.as_deref().unwrap_or("-"),
+            letter.body
+        );
+    }
+    println!("{} message(s)", letters.len());
+    Ok(())
 }
 
 /// A context's messaging: the relay and housekeeper of its outbox, and the consumer of its queue.

@@ -45,11 +45,50 @@ pub enum Command {
         #[arg(long, default_value_t = 60)]
         outbox_stale_after_secs: u64,
     },
+    /// Look at dead-lettered messages, or send them back to be handled again.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Print the OpenAPI spec as YAML (what `openapi.yaml` holds), or write it to a file.
     Openapi {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqAction {
+    /// Print the dead letters of a consumer's queue (they stay where they are).
+    List {
+        #[arg(long, value_enum)]
+        queue: DlqQueue,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Publish dead letters back to the events exchange under their original routing key.
+    Replay {
+        #[arg(long, value_enum)]
+        queue: DlqQueue,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Replay only this message.
+        #[arg(long)]
+        message_id: Option<String>,
+        #[command(flatten)]
+        settings: Settings,
+    },
+}
+
+/// A consumer's queue, by the context that reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DlqQueue {
+    /// Payment requests, read by Payments.
+    Payments,
+    /// Payment results, read by Orders.
+    Orders,
 }
 
 /// Which bounded contexts this process runs.

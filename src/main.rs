@@ -11,7 +11,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let log_format = match &cli.command {
         Command::Serve { settings, .. } | Command::Migrate { settings, .. } => settings.log_format,
-        Command::Openapi { .. } | Command::Audit { .. } => LogFormat::Text,
+        Command::Openapi { .. } | Command::Audit { .. } | Command::Dlq { .. } => LogFormat::Text,
     };
     telemetry::init(log_format);
     match cli.command {
@@ -42,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Dlq { action } => app::dead_letters(action).await,
         Command::Openapi { output } => {
             let yaml = http::openapi_yaml();
             match output {

@@ -86,6 +86,8 @@ pub enum AmqpError {
     Timeout(Duration),
     #[error("the broker cancelled the consumer (queue deleted or channel closed)")]
     ConsumerCancelled,
+    #[error("no queue takes messages with routing key {0}")]
+    Unroutable(String),
 }
 
 impl Broker {
@@ -142,16 +144,23 @@ impl Broker {
         name: &str,
         confirms: bool,
     ) -> Result<(Connection, Channel), AmqpError> {
-        let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let connection = self
-            .timed(Connection::connect(&self.settings.url, properties))
-            .await?;
-        let channel = self.timed(connection.create_channel()).await?;
+        let (connection, channel) = self.open_bare_channel(name).await?;
         self.declare_topology(&channel).await?;
         if confirms {
             self.timed(channel.confirm_select(ConfirmSelectOptions::default()))
                 .await?;
         }
+        Ok((connection, channel))
+    }
+
+    /// Connects and opens one channel, declaring nothing: for tools that must not redeclare
+    /// queues with arguments of their own (which the broker would refuse as inequivalent).
+    pub async fn open_bare_channel(&self, name: &str) -> Result<(Connection, Channel), AmqpError> {
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connection = self
+            .timed(Connection::connect(&self.settings.url, properties))
+            .await?;
+        let channel = self.timed(connection.create_channel()).await?;
         Ok((connection, channel))
     }
 

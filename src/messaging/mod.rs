@@ -3,6 +3,7 @@
 
 pub mod amqp;
 pub mod consumer;
+pub mod dlq;
 pub mod envelope;
 pub mod inbox;
 pub mod outbox;

@@ -8,5 +8,6 @@ mod openapi;
 mod orders;
 mod outage;
 mod payments;
+mod poison;
 mod saga;
 mod scale_out;

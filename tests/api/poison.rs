@@ -1,0 +1,218 @@
+//! Messages that can never be applied go to a dead-letter queue instead of looping, and the
+//! consumers keep going; `gozon dlq` lists and replays them.
+
+use std::time::{Duration, Instant};
+
+use gozon::cli::Role;
+use gozon::messaging::dlq;
+use gozon::{app, orders, payments};
+
+use crate::helpers::{TestEnv, scalar_i64, snapshot};
+use crate::saga::publish_raw;
+
+async fn wait_for_dead_letters(
+    env: &TestEnv,
+    queue: &gozon::messaging::amqp::QueueSpec,
+    count: usize,
+) -> Vec<dlq::DeadLetter> {
+    let broker = app::broker(&env.settings());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let letters = dlq::list(&broker, queue, 100).await.unwrap();
+        if letters.len() >= count {
+            assert_eq!(letters.len(), count, "{letters:?}");
+            return letters;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} dead letters: {letters:?}",
+            letters.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn envelope(message_type: &str, payload: serde_json::Value) -> (String, Vec<u8>) {
+    let id = uuid::Uuid::now_v7().to_string();
+    let body = serde_json::json!({
+        "message_id": id, "type": message_type, "correlation_id": "poison-test",
+        "occurred_at": "2026-11-25T00:00:00Z", "payload": payload,
+    });
+    (id, serde_json::to_vec(&body).unwrap())
+}
+
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_and_change_nothing() {
+    let env = TestEnv::new();
+    let app = env.spawn(Role::All).await;
+    app.funded_account("quin", "100").await;
+    let db = env.db().await;
+    let before = snapshot(&db).await;
+
+    // Onto the payments queue: garbage bytes, and a request whose payload is not a request.
+    publish_raw(
+        &env.prefix,
+        "payment.requested.v1",
+        "garbage-1",
+        b"\x00\xffnot json at all",
+    )
+    .await;
+    let (bad_payload, body) = envelope(
+        "payment.requested.v1",
+        serde_json::json!({"order_id": "nope"}),
+    );
+    publish_raw(&env.prefix, "payment.requested.v1", &bad_payload, &body).await;
+    // Onto the orders queue: a well-formed envelope of a type nobody knows (routed by a key
+    // the queue is bound to), and a payment result for an order that does not exist.
+    let (unknown_type, body) = envelope("payment.refunded.v9", serde_json::json!({}));
+    publish_raw(&env.prefix, "payment.succeeded.v1", &unknown_type, &body).await;
+    let (unknown_order, body) = envelope(
+        "payment.failed.v1",
+        serde_json::json!({"order_id": uuid::Uuid::now_v7(), "user_id": "quin", "amount": "1.00", "reason": "no_account"}),
+    );
+    publish_raw(&env.prefix, "payment.failed.v1", &unknown_order, &body).await;
+
+    let payments_dead = wait_for_dead_letters(&env, &payments::PAYMENT_REQUESTS, 2).await;
+    let orders_dead = wait_for_dead_letters(&env, &orders::PAYMENT_RESULTS, 2).await;
+    assert!(
+        payments_dead
+            .iter()
+            .any(|l| l.message_id.as_deref() == Some("garbage-1"))
+    );
+    assert!(
+        payments_dead
+            .iter()
+            .any(|l| l.message_id.as_deref() == Some(bad_payload.as_str()))
+    );
+    assert!(
+        orders_dead
+            .iter()
+            .any(|l| l.message_id.as_deref() == Some(unknown_type.as_str()))
+    );
+    assert!(
+        orders_dead
+            .iter()
+            .any(|l| l.message_id.as_deref() == Some(unknown_order.as_str()))
+    );
+    assert!(
+        payments_dead
+            .iter()
+            .all(|l| l.reason.as_deref() == Some("rejected")),
+        "{payments_dead:?}"
+    );
+
+    assert_eq!(snapshot(&db).await, before, "poison changed nothing");
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM payments.inbox").await,
+        0
+    );
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM orders.inbox").await,
+        0
+    );
+
+    // The consumers kept going: the saga still works.
+    let order = app.create_order("quin", "10").await;
+    let order = app
+        .wait_until_final(order.str("id"), Duration::from_secs(5))
+        .await;
+    assert_eq!(order.str("status"), "FINISHED");
+}
+
+#[tokio::test]
+async fn a_replayed_dead_letter_is_handled_again() {
+    let env = TestEnv::new();
+    let app = env.spawn(Role::Payments).await;
+    app.funded_account("rue", "100").await;
+    let broker = app::broker(&env.settings());
+    let queue = broker.queue_name(&payments::PAYMENT_REQUESTS);
+
+    // A valid request parked in the DLQ (as if an earlier outage had exhausted its deliveries),
+    // and a garbage one.
+    let (parked, body) = envelope(
+        "payment.requested.v1",
+        serde_json::json!({"order_id": uuid::Uuid::now_v7(), "user_id": "rue", "amount": "25.00"}),
+    );
+    publish_to_dead_letter_exchange(&env.prefix, &queue, &parked, &body).await;
+    publish_raw(&env.prefix, "payment.requested.v1", "garbage-2", b"{{{").await;
+    wait_for_dead_letters(&env, &payments::PAYMENT_REQUESTS, 2).await;
+
+    let replayed = dlq::replay(&broker, &payments::PAYMENT_REQUESTS, 100, Some(&parked))
+        .await
+        .unwrap();
+    assert_eq!(replayed.len(), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while app.balance("rue").await.str("balance") != "75.00" {
+        assert!(
+            Instant::now() < deadline,
+            "the replayed request was not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Only the garbage is left; replaying it lands it back in the DLQ, once.
+    let left = wait_for_dead_letters(&env, &payments::PAYMENT_REQUESTS, 1).await;
+    assert_eq!(left[0].message_id.as_deref(), Some("garbage-2"));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gozon"))
+        .args([
+            "dlq",
+            "replay",
+            "--queue",
+            "payments",
+            "--amqp-prefix",
+            &env.prefix,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("1 message(s)"));
+    let left = wait_for_dead_letters(&env, &payments::PAYMENT_REQUESTS, 1).await;
+    assert_eq!(left[0].message_id.as_deref(), Some("garbage-2"));
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_gozon"))
+        .args([
+            "dlq",
+            "list",
+            "--queue",
+            "payments",
+            "--amqp-prefix",
+            &env.prefix,
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("id=garbage-2"));
+}
+
+async fn publish_to_dead_letter_exchange(prefix: &str, queue: &str, message_id: &str, body: &[u8]) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let connection =
+        lapin::Connection::connect(crate::helpers::AMQP, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirm = channel
+        .basic_publish(
+            format!("{prefix}.dead-letter").into(),
+            queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            lapin::BasicProperties::default()
+                .with_message_id(message_id.into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack() && confirm.take_message().is_none());
+    connection.close(200, "done".into()).await.unwrap();
+}
