@@ -45,7 +45,7 @@ impl TestEnv {
             "--http-addr",
             "127.0.0.1:0",
             "--queue-expires-secs",
-            "900",
+            "120",
             "--db-max-connections",
             "8",
         ]);
@@ -76,6 +76,42 @@ impl TestEnv {
         Database::connect(&self.database_url)
             .await
             .expect("test database")
+    }
+}
+
+/// Deletes the test's queues and exchanges: quorum queues hold file descriptors, and a broker
+/// that runs out of them stops accepting connections. (They also expire on their own.)
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let prefix = self.prefix.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+                let connection =
+                    lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
+                        .await?;
+                let channel = connection.create_channel().await?;
+                for queue in ["payments.payment-requests", "orders.payment-results"] {
+                    for name in [format!("{prefix}.{queue}"), format!("{prefix}.{queue}.dlq")] {
+                        channel
+                            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                            .await?;
+                    }
+                }
+                for exchange in ["events", "dead-letter"] {
+                    let name = format!("{prefix}.{exchange}");
+                    channel
+                        .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+                        .await?;
+                }
+                connection.close(200, "test done".into()).await
+            })?;
+            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+        });
+        let _ = cleanup.join();
     }
 }
 
