@@ -165,6 +165,29 @@ impl Reply {
 }
 
 impl TestApp {
+    /// A client of an app that runs elsewhere (another process).
+    pub fn at(address: &str) -> TestApp {
+        TestApp {
+            address: address.to_owned(),
+            client: reqwest::Client::new(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// `create_order`, or None when the server cannot be reached at all.
+    pub async fn try_create_order(&self, user: &str, amount: &str) -> Option<Reply> {
+        let response = self
+            .client
+            .post(format!("{}/api/orders/create_order", self.address))
+            .query(&[("user_id", user), ("amount", amount)])
+            .send()
+            .await
+            .ok()?;
+        let status = response.status();
+        let body = response.json().await.ok()?;
+        Some(Reply { status, body })
+    }
+
     /// Waits for /health/ready: database reachable, every relay and consumer connected (so
     /// the broker topology exists).
     pub async fn wait_until_ready(&self) {
@@ -360,5 +383,105 @@ pub async fn wait_for_outboxes_drained(db: &DatabaseConnection, within: Duration
             "{unsent} outbox rows still unsent after {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `gozon serve` child process, for faults an in-process app cannot suffer (SIGKILL, SIGTERM).
+pub struct Process {
+    child: std::process::Child,
+    args: Vec<String>,
+    pub app: TestApp,
+}
+
+impl TestEnv {
+    pub async fn start_process(&self, role: &str) -> Process {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let args: Vec<String> = [
+            "serve",
+            "--role",
+            role,
+            "--database-url",
+            &self.database_url,
+            "--amqp-prefix",
+            &self.prefix,
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+            "--queue-expires-secs",
+            "120",
+            "--db-max-connections",
+            "8",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let child = spawn_gozon(&args);
+        let app = TestApp::at(&format!("http://127.0.0.1:{port}"));
+        app.wait_until_ready().await;
+        Process { child, args, app }
+    }
+}
+
+fn spawn_gozon(args: &[String]) -> std::process::Child {
+    let logs = || {
+        if std::env::var("TEST_LOG").is_ok() {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        }
+    };
+    std::process::Command::new(env!("CARGO_BIN_EXE_gozon"))
+        .args(args)
+        .stdout(logs())
+        .stderr(logs())
+        .spawn()
+        .expect("gozon starts")
+}
+
+impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit status and how long it took.
+    pub fn terminate(&mut self, within: Duration) -> (std::process::ExitStatus, Duration) {
+        let started = Instant::now();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            assert!(
+                started.elapsed() < within,
+                "gozon did not exit within {within:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the same process again (same port, database and broker names).
+    pub async fn restart(&mut self) {
+        self.child = spawn_gozon(&self.args);
+        self.app.wait_until_ready().await;
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -3,6 +3,7 @@
 
 mod audit;
 mod events;
+mod faults;
 mod helpers;
 mod openapi;
 mod orders;
@@ -11,3 +12,4 @@ mod payments;
 mod poison;
 mod saga;
 mod scale_out;
+mod shutdown;
