@@ -216,3 +216,48 @@ async fn publish_to_dead_letter_exchange(prefix: &str, queue: &str, message_id: 
     assert!(confirm.is_ack() && confirm.take_message().is_none());
     connection.close(200, "done".into()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_message_that_keeps_failing_is_retried_a_bounded_number_of_times_then_dead_lettered() {
+    let env = TestEnv::new();
+    let mut settings = env.settings();
+    settings.delivery_limit = 2;
+    let application = gozon::app::Application::build(&settings, Role::Payments)
+        .await
+        .unwrap();
+    let stop = application.shutdown_token();
+    let app = crate::helpers::TestApp::at(&format!("http://127.0.0.1:{}", application.port()));
+    tokio::spawn(application.run_until_stopped());
+    app.wait_until_ready().await;
+    let db = env.db().await;
+
+    // An order whose payment record is stuck half-way: handling its request fails every time
+    // with an error that is not the database being down.
+    let order_id = uuid::Uuid::now_v7();
+    use sea_orm::ConnectionTrait;
+    db.execute_unprepared(&format!(
+        "INSERT INTO payments.order_payments (order_id, user_id, amount_minor, outcome) \
+         VALUES ('{order_id}', 'stuck', 100, 'pending')"
+    ))
+    .await
+    .unwrap();
+    let (id, body) = envelope(
+        "payment.requested.v1",
+        serde_json::json!({"order_id": order_id, "user_id": "stuck", "amount": "1.00"}),
+    );
+    publish_raw(&env.prefix, "payment.requested.v1", &id, &body).await;
+
+    let letters = wait_for_dead_letters(&env, &payments::PAYMENT_REQUESTS, 1).await;
+    assert_eq!(letters[0].message_id.as_deref(), Some(id.as_str()));
+    assert_eq!(
+        letters[0].reason.as_deref(),
+        Some("delivery_limit"),
+        "{letters:?}"
+    );
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM payments.inbox").await,
+        0,
+        "never applied"
+    );
+    stop.cancel();
+}
