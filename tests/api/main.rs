@@ -4,6 +4,7 @@
 mod audit;
 mod events;
 mod faults;
+mod fuzz;
 mod helpers;
 mod openapi;
 mod orders;
