@@ -74,6 +74,11 @@ impl Application {
     /// need not be up: relays and consumers connect in the background and keep retrying.
     pub async fn build(settings: &Settings, role: Role) -> anyhow::Result<Application> {
         tracing::info!(?role, settings = ?settings, "starting gozon");
+        if settings.message_key == crate::messaging::signing::DEVELOPMENT_KEY {
+            tracing::warn!(
+                "GOZON_MESSAGE_KEY is not set: messages are signed with the public development key"
+            );
+        }
         let db = connect_and_migrate(settings, role).await?;
         let broker = broker(settings);
         let shutdown = CancellationToken::new();

@@ -11,6 +11,7 @@ use clap::{Args, ValueEnum};
 use crate::messaging::amqp::BrokerSettings;
 use crate::messaging::consumer::ConsumerSettings;
 use crate::messaging::outbox::{HousekeepingSettings, RelaySettings};
+use crate::messaging::signing::{self, MessageKey};
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/gozon";
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -32,6 +33,10 @@ pub struct Settings {
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "GOZON_AMQP_PREFIX", default_value = "gozon")]
     pub amqp_prefix: String,
+
+    /// Secret shared by every Gozon process, used to sign and check messages (HMAC-SHA256).
+    #[arg(long, env = "GOZON_MESSAGE_KEY", default_value = signing::DEVELOPMENT_KEY, hide_default_value = true)]
+    pub message_key: String,
 
     /// Deliveries of one message before it is dead-lettered.
     #[arg(long, env = "GOZON_DELIVERY_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -93,6 +98,7 @@ impl Settings {
             delivery_limit: self.delivery_limit,
             queue_expires: self.queue_expires_secs.map(Duration::from_secs),
             io_timeout: Duration::from_millis(self.amqp_timeout_ms),
+            message_key: MessageKey::new(&self.message_key),
         }
     }
 
@@ -140,6 +146,7 @@ impl fmt::Debug for Settings {
             .field("db_max_connections", &self.db_max_connections)
             .field("amqp_url", &mask_password(&self.amqp_url))
             .field("amqp_prefix", &self.amqp_prefix)
+            .field("message_key", &"***")
             .field("delivery_limit", &self.delivery_limit)
             .field("prefetch", &self.prefetch)
             .field("queue_expires_secs", &self.queue_expires_secs)

@@ -16,6 +16,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::messaging::signing::MessageKey;
 use tokio_util::sync::CancellationToken;
 
 /// A queue some consumer reads, and the message types routed to it.
@@ -37,6 +39,8 @@ pub struct BrokerSettings {
     pub queue_expires: Option<Duration>,
     /// Bound on connect, declare, publish-confirm and ack round trips.
     pub io_timeout: Duration,
+    /// Signs what this process publishes and checks what it consumes.
+    pub message_key: MessageKey,
 }
 
 /// The broker as Gozon uses it: one topic exchange for events, one dead-letter exchange, and
@@ -262,6 +266,7 @@ pub fn reconnect_backoff() -> ExponentialBuilder {
 }
 
 /// Opens a channel, retrying with [`reconnect_backoff`] until it works or `shutdown` fires.
+/// Marks the task's link down meanwhile; the caller marks it up once it is really working.
 /// The first failure is logged as a warning, later ones at debug, so an outage is one line.
 pub async fn connect_until_ready(
     broker: &Broker,
@@ -285,7 +290,6 @@ pub async fn connect_until_ready(
     tokio::select! {
         result = retrying => match result {
             Ok(opened) => {
-                broker.links.set(name, true);
                 let failures = failures.load(Ordering::Relaxed);
                 if failures > 0 {
                     tracing::info!(task = name, attempts = failures + 1, "broker connection recovered");

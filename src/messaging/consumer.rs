@@ -10,12 +10,13 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::messaging::amqp::{AmqpError, Broker, QueueSpec, connect_until_ready};
 use crate::messaging::envelope::Envelope;
+use crate::messaging::signing::{self, MessageKey};
 
 /// Why a handler did not apply a message.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,7 @@ pub async fn run<H: Handler>(
             &broker,
             &channel,
             &queue_name,
+            &task,
             handler.as_ref(),
             &settings,
             &shutdown,
@@ -103,6 +105,7 @@ async fn consume<H: Handler>(
     broker: &Broker,
     channel: &lapin::Channel,
     queue_name: &str,
+    task: &str,
     handler: &H,
     settings: &ConsumerSettings,
     shutdown: &CancellationToken,
@@ -118,6 +121,7 @@ async fn consume<H: Handler>(
             FieldTable::default(),
         ))
         .await?;
+    broker.links().set(task, true);
     let mut transient_failures = 0u32;
     loop {
         let delivery = tokio::select! {
@@ -129,7 +133,7 @@ async fn consume<H: Handler>(
             Some(Err(error)) => return Err(error.into()),
             None => return Err(AmqpError::ConsumerCancelled),
         };
-        let mut outcome = handle_delivery(handler, &delivery).await;
+        let mut outcome = handle_delivery(handler, &broker.settings().message_key, &delivery).await;
         let mut unavailable_for = 0u32;
         while let Err(HandleError::Unavailable(reason)) = &outcome {
             unavailable_for += 1;
@@ -142,7 +146,7 @@ async fn consume<H: Handler>(
                 // Shutting down: hand the message back uncounted by the handler's logic.
                 _ = shutdown.cancelled() => break,
             }
-            outcome = handle_delivery(handler, &delivery).await;
+            outcome = handle_delivery(handler, &broker.settings().message_key, &delivery).await;
         }
         if unavailable_for > 0 && outcome.is_ok() {
             tracing::info!(queue = queue_name, "database back; message applied");
@@ -181,7 +185,25 @@ async fn consume<H: Handler>(
     }
 }
 
-async fn handle_delivery<H: Handler>(handler: &H, delivery: &Delivery) -> Result<(), HandleError> {
+async fn handle_delivery<H: Handler>(
+    handler: &H,
+    key: &MessageKey,
+    delivery: &Delivery,
+) -> Result<(), HandleError> {
+    let signature = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(signing::HEADER))
+        .and_then(|value| match value {
+            AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok(),
+            _ => None,
+        });
+    if !signature.is_some_and(|signature| key.verify(&delivery.data, signature)) {
+        return Err(HandleError::Poison(
+            "unsigned or forged message (bad x-gozon-signature)".to_owned(),
+        ));
+    }
     let envelope = Envelope::from_bytes(&delivery.data)
         .map_err(|error| HandleError::Poison(error.to_string()))?;
     let span = tracing::info_span!(

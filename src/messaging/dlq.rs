@@ -8,6 +8,7 @@ use lapin::{BasicProperties, Channel};
 
 use crate::messaging::amqp::{AmqpError, Broker, QueueSpec};
 use crate::messaging::envelope::Envelope;
+use crate::messaging::signing;
 
 /// One dead-lettered message, as far as it can be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,17 +112,20 @@ pub async fn replay(
         .await?;
     let dlq = broker.dead_letter_queue_name(queue);
     let mut replayed = Vec::new();
-    // Each message is read once: those not replayed stay unacked until the channel closes.
-    loop {
-        if replayed.len() >= limit {
-            break;
-        }
+    // Only what is in the DLQ now: a replayed message that fails again comes back to the DLQ
+    // and must not be picked up again by this same run. Messages read but not replayed stay
+    // unacked until the channel closes, and so are not read twice either.
+    let mut budget: Option<u32> = None;
+    while replayed.len() < limit && budget != Some(0) {
         let Some(message) = broker
             .timed(channel.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false }))
             .await?
         else {
             break;
         };
+        // message_count is what was left behind this one when it was taken.
+        let left = budget.get_or_insert(message.message_count + 1);
+        *left -= 1;
         let letter = DeadLetter::read(&message.delivery);
         if message_id.is_some_and(|wanted| letter.message_id.as_deref() != Some(wanted)) {
             continue;
@@ -156,6 +160,17 @@ async fn republish(
     }
     if let Some(correlation_id) = delivery.properties.correlation_id() {
         properties = properties.with_correlation_id(correlation_id.clone());
+    }
+    // The body is unchanged, so its signature (if it had a valid one) still holds.
+    if let Some(signature) = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(signing::HEADER))
+    {
+        let mut headers = FieldTable::default();
+        headers.insert(signing::HEADER.into(), signature.clone());
+        properties = properties.with_headers(headers);
     }
     let exchange = broker.events_exchange();
     let confirm = broker

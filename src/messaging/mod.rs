@@ -7,3 +7,4 @@ pub mod dlq;
 pub mod envelope;
 pub mod inbox;
 pub mod outbox;
+pub mod signing;

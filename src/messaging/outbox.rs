@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::contracts::Contract;
 use crate::messaging::amqp::{AmqpError, Broker, connect_until_ready};
 use crate::messaging::envelope::Envelope;
+use crate::messaging::signing;
 
 /// Writes `message` to `<schema>.outbox` inside the caller's transaction.
 pub async fn enqueue<C: Contract>(
@@ -135,6 +136,11 @@ impl Relay {
                 "correlation_id".into(),
                 AMQPValue::LongString(row.correlation_id.as_str().into()),
             );
+            let signature = self.broker.settings().message_key.sign(&payload);
+            headers.insert(
+                signing::HEADER.into(),
+                AMQPValue::LongString(signature.into()),
+            );
             let properties = BasicProperties::default()
                 .with_message_id(row.message_id.to_string().into())
                 .with_type(row.message_type.as_str().into())
@@ -185,6 +191,7 @@ impl Relay {
         while let Some((connection, channel)) =
             connect_until_ready(&self.broker, &name, true, &shutdown).await
         {
+            self.broker.links().set(&name, true);
             let lost_broker = loop {
                 match self.drain(&channel).await {
                     Ok(()) => db_backoff = Duration::ZERO,

@@ -66,6 +66,7 @@ impl TestEnv {
             address: format!("http://127.0.0.1:{port}"),
             client: reqwest::Client::new(),
             shutdown,
+            env: None,
         };
         app.wait_until_ready().await;
         app
@@ -115,14 +116,20 @@ impl Drop for TestEnv {
     }
 }
 
+/// An app of its own environment, which lives (and is cleaned up) with it.
 pub async fn spawn_app() -> TestApp {
-    TestEnv::new().spawn(Role::All).await
+    let env = TestEnv::new();
+    let mut app = env.spawn(Role::All).await;
+    app.env = Some(env);
+    app
 }
 
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     shutdown: CancellationToken,
+    /// Set by [`spawn_app`]: dropped after the app is stopped.
+    env: Option<TestEnv>,
 }
 
 impl Drop for TestApp {
@@ -171,6 +178,7 @@ impl TestApp {
             address: address.to_owned(),
             client: reqwest::Client::new(),
             shutdown: CancellationToken::new(),
+            env: None,
         }
     }
 

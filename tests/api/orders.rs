@@ -155,7 +155,7 @@ async fn health_endpoints_answer() {
     let app = spawn_app().await;
     assert_eq!(app.get("/health/live", &[]).await.status, StatusCode::OK);
     let ready = app.get("/health/ready", &[]).await;
-    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
     assert_eq!(ready.body["status"], "ok");
 }
 

@@ -8,7 +8,7 @@ use gozon::messaging::dlq;
 use gozon::{app, orders, payments};
 
 use crate::helpers::{TestEnv, scalar_i64, snapshot};
-use crate::saga::publish_raw;
+use crate::saga::{payment_requested, publish_raw, publish_with_signature};
 
 async fn wait_for_dead_letters(
     env: &TestEnv,
@@ -72,7 +72,39 @@ async fn poison_messages_are_dead_lettered_and_change_nothing() {
     );
     publish_raw(&env.prefix, "payment.failed.v1", &unknown_order, &body).await;
 
-    let payments_dead = wait_for_dead_letters(&env, &payments::PAYMENT_REQUESTS, 2).await;
+    // A well-formed request for an order nobody placed, unsigned, and one with a forged
+    // signature: Payments never sees them as requests, so no account is touched.
+    let forged_order = uuid::Uuid::now_v7();
+    let unsigned = uuid::Uuid::now_v7();
+    let body = payment_requested(unsigned, forged_order, "quin", "50.00");
+    publish_with_signature(
+        &env.prefix,
+        "payment.requested.v1",
+        &unsigned.to_string(),
+        &body,
+        None,
+    )
+    .await;
+    let forged = uuid::Uuid::now_v7();
+    let body = payment_requested(forged, forged_order, "quin", "50.00");
+    let wrong_key = gozon::messaging::signing::MessageKey::new("not-the-key").sign(&body);
+    publish_with_signature(
+        &env.prefix,
+        "payment.requested.v1",
+        &forged.to_string(),
+        &body,
+        Some(&wrong_key),
+    )
+    .await;
+
+    let payments_dead = wait_for_dead_letters(&env, &payments::PAYMENT_REQUESTS, 4).await;
+    for id in [unsigned, forged] {
+        assert!(
+            payments_dead
+                .iter()
+                .any(|l| l.message_id.as_deref() == Some(id.to_string().as_str()))
+        );
+    }
     let orders_dead = wait_for_dead_letters(&env, &orders::PAYMENT_RESULTS, 2).await;
     assert!(
         payments_dead
@@ -196,6 +228,13 @@ async fn publish_to_dead_letter_exchange(prefix: &str, queue: &str, message_id: 
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
+    use gozon::messaging::signing::{self, MessageKey};
+    let mut headers = lapin::types::FieldTable::default();
+    let signature = MessageKey::new(signing::DEVELOPMENT_KEY).sign(body);
+    headers.insert(
+        signing::HEADER.into(),
+        lapin::types::AMQPValue::LongString(signature.into()),
+    );
     let confirm = channel
         .basic_publish(
             format!("{prefix}.dead-letter").into(),
@@ -207,7 +246,8 @@ async fn publish_to_dead_letter_exchange(prefix: &str, queue: &str, message_id: 
             body,
             lapin::BasicProperties::default()
                 .with_message_id(message_id.into())
-                .with_delivery_mode(2),
+                .with_delivery_mode(2)
+                .with_headers(headers),
         )
         .await
         .unwrap()

@@ -11,6 +11,7 @@ use crate::helpers::{
     wait_for_outboxes_drained,
 };
 use gozon::cli::Role;
+use gozon::messaging::signing::{self, MessageKey};
 
 const SETTLE: Duration = Duration::from_secs(5);
 
@@ -93,8 +94,20 @@ async fn fifty_concurrent_orders_against_a_hundred_pay_exactly_ten() {
     assert_money_conserved(&db).await;
 }
 
-/// Publishes `body` straight onto the test's events exchange, as a misbehaving peer would.
+/// Publishes `body` straight onto the test's events exchange, signed with the key the test
+/// apps use, as a peer with the key (or a misbehaving one) would.
 pub async fn publish_raw(prefix: &str, routing_key: &str, message_id: &str, body: &[u8]) {
+    let signature = MessageKey::new(signing::DEVELOPMENT_KEY).sign(body);
+    publish_with_signature(prefix, routing_key, message_id, body, Some(&signature)).await;
+}
+
+pub async fn publish_with_signature(
+    prefix: &str,
+    routing_key: &str,
+    message_id: &str,
+    body: &[u8],
+    signature: Option<&str>,
+) {
     let connection = Connection::connect(AMQP, ConnectionProperties::default())
         .await
         .unwrap();
@@ -103,6 +116,13 @@ pub async fn publish_raw(prefix: &str, routing_key: &str, message_id: &str, body
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
+    let mut headers = lapin::types::FieldTable::default();
+    if let Some(signature) = signature {
+        headers.insert(
+            signing::HEADER.into(),
+            lapin::types::AMQPValue::LongString(signature.into()),
+        );
+    }
     let confirm = channel
         .basic_publish(
             format!("{prefix}.events").into(),
@@ -114,7 +134,8 @@ pub async fn publish_raw(prefix: &str, routing_key: &str, message_id: &str, body
             body,
             BasicProperties::default()
                 .with_message_id(message_id.into())
-                .with_delivery_mode(2),
+                .with_delivery_mode(2)
+                .with_headers(headers),
         )
         .await
         .unwrap()
@@ -127,7 +148,7 @@ pub async fn publish_raw(prefix: &str, routing_key: &str, message_id: &str, body
     connection.close(200, "done".into()).await.unwrap();
 }
 
-fn payment_requested(
+pub fn payment_requested(
     message_id: uuid::Uuid,
     order_id: uuid::Uuid,
     user: &str,
