@@ -82,46 +82,41 @@ impl Application {
         let db = connect_and_migrate(settings, role).await?;
         let broker = broker(settings);
         let shutdown = CancellationToken::new();
-        let mut workers = JoinSet::new();
+        let mut workers = Workers {
+            tasks: JoinSet::new(),
+            settings,
+            db: &db,
+            broker: &broker,
+            shutdown: &shutdown,
+        };
 
         let orders_api = role.runs_orders().then(|| {
             let relay_wake = Arc::new(Notify::new());
-            let handler = Arc::new(PaymentResultHandler::new(db.clone()));
-            let context = ContextMessaging {
-                schema: orders::SCHEMA,
-                queue: orders::PAYMENT_RESULTS,
-            };
-            context.spawn(
-                &mut workers,
-                settings,
-                &db,
-                &broker,
+            let handler = PaymentResultHandler::new(db.clone());
+            workers.messaging(
+                orders::SCHEMA,
+                orders::PAYMENT_RESULTS,
                 &relay_wake,
                 handler,
-                &shutdown,
             );
             let events = OrderEvents::default();
-            workers.spawn(events.clone().run(db.clone(), shutdown.clone()));
+            workers
+                .tasks
+                .spawn(events.clone().run(db.clone(), shutdown.clone()));
             OrdersApi::new(db.clone(), relay_wake, events, shutdown.clone())
         });
         let payments_api = role.runs_payments().then(|| {
             let relay_wake = Arc::new(Notify::new());
-            let handler = Arc::new(PaymentRequestHandler::new(db.clone(), relay_wake.clone()));
-            let context = ContextMessaging {
-                schema: payments::SCHEMA,
-                queue: payments::PAYMENT_REQUESTS,
-            };
-            context.spawn(
-                &mut workers,
-                settings,
-                &db,
-                &broker,
+            let handler = PaymentRequestHandler::new(db.clone(), relay_wake.clone());
+            workers.messaging(
+                payments::SCHEMA,
+                payments::PAYMENT_REQUESTS,
                 &relay_wake,
                 handler,
-                &shutdown,
             );
             PaymentsApi::new(db.clone())
         });
+        let workers = workers.tasks;
 
         let static_dir = (role == Role::All).then(|| settings.static_dir.clone());
         if let Some(dir) = static_dir.as_ref().filter(|dir| !dir.is_dir()) {
@@ -233,41 +228,43 @@ pub async fn dead_letters(action: DlqAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A context's messaging: the relay and housekeeper of its outbox, and the consumer of its queue.
-struct ContextMessaging {
-    schema: &'static str,
-    queue: QueueSpec,
+/// The background tasks of a role, and what they share.
+struct Workers<'a> {
+    tasks: JoinSet<()>,
+    settings: &'a Settings,
+    db: &'a DatabaseConnection,
+    broker: &'a Broker,
+    shutdown: &'a CancellationToken,
 }
 
-impl ContextMessaging {
-    #[allow(clippy::too_many_arguments)]
-    fn spawn<H: Handler>(
-        self,
-        workers: &mut JoinSet<()>,
-        settings: &Settings,
-        db: &DatabaseConnection,
-        broker: &Broker,
+impl Workers<'_> {
+    /// A context's messaging: the relay and housekeeper of its outbox, the consumer of its queue.
+    fn messaging<H: Handler>(
+        &mut self,
+        schema: &'static str,
+        queue: QueueSpec,
         relay_wake: &Arc<Notify>,
-        handler: Arc<H>,
-        shutdown: &CancellationToken,
+        handler: H,
     ) {
+        let (db, broker, shutdown) = (self.db.clone(), self.broker.clone(), self.shutdown.clone());
         let relay = Relay::new(
             db.clone(),
-            self.schema,
+            schema,
             broker.clone(),
             relay_wake.clone(),
-            settings.relay(),
+            self.settings.relay(),
         );
-        workers.spawn(relay.run(shutdown.clone()));
-        let housekeeper = Housekeeper::new(db.clone(), self.schema, settings.housekeeping());
-        workers.spawn(housekeeper.run(shutdown.clone()));
-        workers.spawn(consumer::run(
-            broker.clone(),
-            self.queue,
-            handler,
-            settings.consumer(),
-            shutdown.clone(),
-        ));
+        self.tasks.spawn(relay.run(shutdown.clone()));
+        let housekeeper = Housekeeper::new(db, schema, self.settings.housekeeping());
+        self.tasks.spawn(housekeeper.run(shutdown.clone()));
+        let consumer = consumer::run(
+            broker,
+            queue,
+            Arc::new(handler),
+            self.settings.consumer(),
+            shutdown,
+        );
+        self.tasks.spawn(consumer);
     }
 }
 
