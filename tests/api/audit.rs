@@ -6,7 +6,7 @@ use gozon::audit::{AuditSettings, audit};
 use gozon::cli::Role;
 use sea_orm::ConnectionTrait;
 
-use crate::helpers::{TestEnv, wait_for_outboxes_drained};
+use crate::helpers::{TestEnv, gozon, wait_for_outboxes_drained};
 
 fn strict() -> AuditSettings {
     AuditSettings {
@@ -33,16 +33,9 @@ async fn a_healthy_system_passes_the_audit() {
     assert_eq!(report.totals.finished_minor, 4_000);
     assert_eq!(report.totals.balances_minor, 1_000);
 
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gozon"))
-        .args(["audit", "--database-url", &env.database_url])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("audit passed"));
+    let (code, out) = gozon(&["audit", "--database-url", &env.database_url]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("audit passed"), "{out}");
 }
 
 #[tokio::test]
@@ -88,10 +81,7 @@ async fn every_broken_invariant_is_reported() {
     }
     assert!(report.to_string().contains(&paid_id), "{report}");
 
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gozon"))
-        .args(["audit", "--database-url", &env.database_url])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stdout).contains("audit FAILED"));
+    let (code, out) = gozon(&["audit", "--database-url", &env.database_url]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("audit FAILED"), "{out}");
 }

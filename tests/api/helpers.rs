@@ -56,20 +56,25 @@ impl TestEnv {
     }
 
     pub async fn spawn(&self, role: Role) -> TestApp {
-        let application = Application::build(&self.settings(), role)
+        let app = self.spawn_with(&self.settings(), role).await;
+        app.wait_until_ready().await;
+        app
+    }
+
+    /// Starts an app with settings of the test's choosing; does not wait for it to be ready.
+    pub async fn spawn_with(&self, settings: &Settings, role: Role) -> TestApp {
+        let application = Application::build(settings, role)
             .await
             .expect("the application starts");
         let port = application.port();
         let shutdown = application.shutdown_token();
         tokio::spawn(application.run_until_stopped());
-        let app = TestApp {
+        TestApp {
             address: format!("http://127.0.0.1:{port}"),
             client: reqwest::Client::new(),
             shutdown,
             env: None,
-        };
-        app.wait_until_ready().await;
-        app
+        }
     }
 
     /// A connection of the test's own, to assert invariants across both schemas.
@@ -492,4 +497,20 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs the `gozon` binary with `args`; returns its exit code and standard output.
+pub fn gozon(args: &[&str]) -> (Option<i32>, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gozon"))
+        .args(args)
+        .output()
+        .expect("gozon runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        eprintln!(
+            "gozon {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    (output.status.code(), stdout)
 }

@@ -165,39 +165,11 @@ async fn readiness_waits_for_the_broker() {
     let env = crate::helpers::TestEnv::new();
     let mut settings = env.settings();
     settings.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2f".to_owned();
-    let app = gozon::app::Application::build(&settings, Role::Payments)
-        .await
-        .unwrap();
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let stop = app.shutdown_token();
-    tokio::spawn(app.run_until_stopped());
-    let client = reqwest::Client::new();
-    assert_eq!(
-        client
-            .get(format!("{base}/health/live"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let ready = client
-        .get(format!("{base}/health/ready"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503);
-    let body: serde_json::Value = ready.json().await.unwrap();
-    assert!(
-        body["message"].as_str().unwrap().contains("broker"),
-        "{body}"
-    );
+    let app = env.spawn_with(&settings, Role::Payments).await;
+    assert_eq!(app.get("/health/live", &[]).await.status, StatusCode::OK);
+    let ready = app.get("/health/ready", &[]).await;
+    ready.assert_error(503, "service_unavailable");
+    assert!(ready.str("message").contains("broker"), "{}", ready.body);
     // Requests that need only the database still work.
-    let created = client
-        .post(format!("{base}/api/payments/create_account?user_id=u"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    stop.cancel();
+    assert_eq!(app.create_account("u").await.status, StatusCode::CREATED);
 }

@@ -7,8 +7,8 @@ use gozon::cli::Role;
 use gozon::messaging::dlq;
 use gozon::{app, orders, payments};
 
-use crate::helpers::{TestEnv, scalar_i64, snapshot};
-use crate::saga::{payment_requested, publish_raw, publish_with_signature};
+use crate::helpers::{TestEnv, gozon, scalar_i64, snapshot};
+use crate::saga::{payment_requested, publish_raw, publish_with_signature, sign};
 
 async fn wait_for_dead_letters(
     env: &TestEnv,
@@ -78,7 +78,7 @@ async fn poison_messages_are_dead_lettered_and_change_nothing() {
     let unsigned = uuid::Uuid::now_v7();
     let body = payment_requested(unsigned, forged_order, "quin", "50.00");
     publish_with_signature(
-        &env.prefix,
+        &format!("{}.events", env.prefix),
         "payment.requested.v1",
         &unsigned.to_string(),
         &body,
@@ -89,7 +89,7 @@ async fn poison_messages_are_dead_lettered_and_change_nothing() {
     let body = payment_requested(forged, forged_order, "quin", "50.00");
     let wrong_key = gozon::messaging::signing::MessageKey::new("not-the-key").sign(&body);
     publish_with_signature(
-        &env.prefix,
+        &format!("{}.events", env.prefix),
         "payment.requested.v1",
         &forged.to_string(),
         &body,
@@ -184,77 +184,32 @@ async fn a_replayed_dead_letter_is_handled_again() {
     // Only the garbage is left; replaying it lands it back in the DLQ, once.
     let left = wait_for_dead_letters(&env, &payments::PAYMENT_REQUESTS, 1).await;
     assert_eq!(left[0].message_id.as_deref(), Some("garbage-2"));
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gozon"))
-        .args([
-            "dlq",
-            "replay",
-            "--queue",
-            "payments",
-            "--amqp-prefix",
-            &env.prefix,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("1 message(s)"));
+    let (code, out) = gozon(&[
+        "dlq",
+        "replay",
+        "--queue",
+        "payments",
+        "--amqp-prefix",
+        &env.prefix,
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("1 message(s)"), "{out}");
     let left = wait_for_dead_letters(&env, &payments::PAYMENT_REQUESTS, 1).await;
     assert_eq!(left[0].message_id.as_deref(), Some("garbage-2"));
-    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_gozon"))
-        .args([
-            "dlq",
-            "list",
-            "--queue",
-            "payments",
-            "--amqp-prefix",
-            &env.prefix,
-        ])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&listed.stdout).contains("id=garbage-2"));
+    let (_, listed) = gozon(&[
+        "dlq",
+        "list",
+        "--queue",
+        "payments",
+        "--amqp-prefix",
+        &env.prefix,
+    ]);
+    assert!(listed.contains("id=garbage-2"), "{listed}");
 }
 
 async fn publish_to_dead_letter_exchange(prefix: &str, queue: &str, message_id: &str, body: &[u8]) {
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-    let connection =
-        lapin::Connection::connect(crate::helpers::AMQP, lapin::ConnectionProperties::default())
-            .await
-            .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    use gozon::messaging::signing::{self, MessageKey};
-    let mut headers = lapin::types::FieldTable::default();
-    let signature = MessageKey::new(signing::DEVELOPMENT_KEY).sign(body);
-    headers.insert(
-        signing::HEADER.into(),
-        lapin::types::AMQPValue::LongString(signature.into()),
-    );
-    let confirm = channel
-        .basic_publish(
-            format!("{prefix}.dead-letter").into(),
-            queue.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            lapin::BasicProperties::default()
-                .with_message_id(message_id.into())
-                .with_delivery_mode(2)
-                .with_headers(headers),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(confirm.is_ack() && confirm.take_message().is_none());
-    connection.close(200, "done".into()).await.unwrap();
+    let exchange = format!("{prefix}.dead-letter");
+    publish_with_signature(&exchange, queue, message_id, body, Some(&sign(body))).await;
 }
 
 #[tokio::test]
@@ -262,12 +217,7 @@ async fn a_message_that_keeps_failing_is_retried_a_bounded_number_of_times_then_
     let env = TestEnv::new();
     let mut settings = env.settings();
     settings.delivery_limit = 2;
-    let application = gozon::app::Application::build(&settings, Role::Payments)
-        .await
-        .unwrap();
-    let stop = application.shutdown_token();
-    let app = crate::helpers::TestApp::at(&format!("http://127.0.0.1:{}", application.port()));
-    tokio::spawn(application.run_until_stopped());
+    let app = env.spawn_with(&settings, Role::Payments).await;
     app.wait_until_ready().await;
     let db = env.db().await;
 
@@ -299,5 +249,4 @@ async fn a_message_that_keeps_failing_is_retried_a_bounded_number_of_times_then_
         0,
         "never applied"
     );
-    stop.cancel();
 }
