@@ -173,3 +173,43 @@ async fn readiness_waits_for_the_broker() {
     // Requests that need only the database still work.
     assert_eq!(app.create_account("u").await.status, StatusCode::CREATED);
 }
+
+#[tokio::test]
+async fn orders_placed_while_the_broker_is_unreachable_wait_in_the_outbox() {
+    let env = crate::helpers::TestEnv::new();
+    let mut settings = env.settings();
+    settings.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2f".to_owned();
+    let app = env.spawn_with(&settings, Role::All).await;
+    for amount in ["1", "2", "3"] {
+        assert_eq!(
+            app.create_order("wait", amount).await.status,
+            StatusCode::CREATED
+        );
+    }
+    let db = env.db().await;
+    let housekeeping = gozon::messaging::outbox::HousekeepingSettings {
+        retention: std::time::Duration::from_secs(0),
+        interval: std::time::Duration::from_secs(1),
+        backlog_warning: 1000,
+        backlog_age_warning: std::time::Duration::from_secs(30),
+    };
+    let housekeeper =
+        gozon::messaging::outbox::Housekeeper::new(db.clone(), "orders", housekeeping);
+    // Purging touches only sent rows; the backlog is measured.
+    assert_eq!(housekeeper.purge_sent().await.unwrap(), 0);
+    let backlog = housekeeper.backlog().await.unwrap();
+    assert_eq!(backlog.unsent, 3);
+    assert!(backlog.oldest_age_secs >= 0.0);
+    // The audit sees them as stuck once they are older than its threshold.
+    let strict = gozon::audit::AuditSettings {
+        stuck_after: std::time::Duration::ZERO,
+        outbox_stale_after: std::time::Duration::ZERO,
+    };
+    let report = gozon::audit::audit(&db, &strict).await.unwrap();
+    assert!(
+        report
+            .failed_checks()
+            .contains(&"no outbox message stuck unsent"),
+        "{report}"
+    );
+}
