@@ -133,24 +133,9 @@ async fn consume<H: Handler>(
             Some(Err(error)) => return Err(error.into()),
             None => return Err(AmqpError::ConsumerCancelled),
         };
-        let mut outcome = handle_delivery(handler, &broker.settings().message_key, &delivery).await;
-        let mut unavailable_for = 0u32;
-        while let Err(HandleError::Unavailable(reason)) = &outcome {
-            unavailable_for += 1;
-            let pause = Duration::from_millis(100 * u64::from(unavailable_for.min(50)));
-            if unavailable_for == 1 {
-                tracing::warn!(queue = queue_name, %reason, "database unavailable; holding the message and retrying");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                // Shutting down: hand the message back uncounted by the handler's logic.
-                _ = shutdown.cancelled() => break,
-            }
-            outcome = handle_delivery(handler, &broker.settings().message_key, &delivery).await;
-        }
-        if unavailable_for > 0 && outcome.is_ok() {
-            tracing::info!(queue = queue_name, "database back; message applied");
-        }
+        let key = &broker.settings().message_key;
+        let outcome =
+            handle_holding_through_outages(handler, key, &delivery, queue_name, shutdown).await;
         match outcome {
             Ok(()) => {
                 transient_failures = 0;
@@ -181,6 +166,36 @@ async fn consume<H: Handler>(
                     }))
                     .await?;
             }
+        }
+    }
+}
+
+/// Handles `delivery`; while the database is unreachable, keeps the message and tries again
+/// with a growing pause, until it is applied, fails for another reason, or shutdown begins.
+async fn handle_holding_through_outages<H: Handler>(
+    handler: &H,
+    key: &MessageKey,
+    delivery: &Delivery,
+    queue_name: &str,
+    shutdown: &CancellationToken,
+) -> Result<(), HandleError> {
+    let mut attempts = 0u32;
+    loop {
+        let outcome = handle_delivery(handler, key, delivery).await;
+        let Err(HandleError::Unavailable(reason)) = &outcome else {
+            if attempts > 0 && outcome.is_ok() {
+                tracing::info!(queue = queue_name, "database back; message applied");
+            }
+            return outcome;
+        };
+        attempts += 1;
+        if attempts == 1 {
+            tracing::warn!(queue = queue_name, %reason, "database unavailable; holding the message and retrying");
+        }
+        let pause = Duration::from_millis(100 * u64::from(attempts.min(50)));
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => return outcome,
         }
     }
 }
