@@ -85,3 +85,41 @@ async fn a_database_outage_answers_503_and_heals_by_itself() {
     .unwrap();
     assert!(report.passed(), "{report}");
 }
+
+#[tokio::test]
+async fn channels_closed_by_the_broker_heal_and_the_topology_comes_back() {
+    let env = TestEnv::new();
+    let app = env.spawn(Role::All).await;
+    app.funded_account("ray", "10").await;
+
+    // Delete the exchanges and queues under the running app: its consumers are cancelled, and
+    // its relays' next publish fails with a channel error (404) that closes their channel.
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let connection =
+        lapin::Connection::connect(crate::helpers::AMQP, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for queue in ["payments.payment-requests", "orders.payment-results"] {
+        let name = format!("{}.{queue}", env.prefix);
+        channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    let events = format!("{}.events", env.prefix);
+    channel
+        .exchange_delete(events.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+
+    // Everything reconnects and re-declares; the saga works again.
+    app.wait_until_ready().await;
+    let order = app.create_order("ray", "4").await;
+    let order = app
+        .wait_until_final(order.str("id"), Duration::from_secs(15))
+        .await;
+    assert_eq!(order.str("status"), "FINISHED");
+    assert_eq!(app.balance("ray").await.str("balance"), "6.00");
+}
