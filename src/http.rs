@@ -8,8 +8,11 @@ use poem::http::StatusCode;
 use poem::middleware::{CatchPanic, RequestId, ReuseId, Tracing};
 use poem::web::Json as PoemJson;
 use poem::{EndpointExt, IntoResponse, Response, Route, get, handler};
+use poem_openapi::types::{ParseFromJSON, ToJSON};
 use poem_openapi::{Object, OpenApiService};
-use sea_orm::{DatabaseConnection, DbErr};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
+
+use crate::idempotency::{self, Claim, IdempotencyKey};
 
 use crate::messaging::amqp::BrokerLinks;
 use crate::orders::api::OrdersApi;
@@ -254,4 +257,65 @@ pub fn parse_amount(text: &str) -> Result<crate::money::Money, ApiError> {
     crate::money::Money::parse_amount(text).map_err(|error| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_amount", error.to_string())
     })
+}
+
+/// Parses the optional `Idempotency-Key` header.
+pub fn parse_idempotency_key(header: Option<&str>) -> Result<Option<IdempotencyKey>, ApiError> {
+    header
+        .map(IdempotencyKey::parse)
+        .transpose()
+        .map_err(|error| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_idempotency_key",
+                error.to_string(),
+            )
+        })
+}
+
+/// Within the request's transaction: the first response to this key, if it was seen before
+/// with the same parameters; an error if it was seen with others; None to go ahead.
+pub async fn replay_if_seen<T: ParseFromJSON>(
+    txn: &impl ConnectionTrait,
+    schema: &str,
+    endpoint: &str,
+    key: Option<&IdempotencyKey>,
+    fingerprint: &str,
+) -> Result<Option<T>, ApiError> {
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    match idempotency::claim(txn, schema, endpoint, key, fingerprint)
+        .await
+        .map_err(|error| ApiError::from_db(&error))?
+    {
+        Claim::Fresh => Ok(None),
+        Claim::Replay { body, .. } => T::parse_from_json(Some(body)).map(Some).map_err(|error| {
+            tracing::error!(endpoint, error = %error.into_message(), "stored idempotent response unreadable");
+            ApiError::internal()
+        }),
+        Claim::Reused => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used for a request with other parameters",
+        )),
+    }
+}
+
+/// Within the request's transaction: stores the response for retries with the same key.
+pub async fn remember_response<T: ToJSON>(
+    txn: &impl ConnectionTrait,
+    schema: &str,
+    endpoint: &str,
+    key: Option<&IdempotencyKey>,
+    status: StatusCode,
+    body: &T,
+) -> Result<(), ApiError> {
+    let Some(key) = key else {
+        return Ok(());
+    };
+    let json = body.to_json().unwrap_or(serde_json::Value::Null);
+    idempotency::remember(txn, schema, endpoint, key, status.as_u16(), json)
+        .await
+        .map_err(|error| ApiError::from_db(&error))
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod contracts;
 pub mod db;
 pub mod http;
+pub mod idempotency;
 pub mod messaging;
 pub mod money;
 pub mod orders;

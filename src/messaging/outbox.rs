@@ -243,7 +243,8 @@ pub struct HousekeepingSettings {
     pub backlog_age_warning: Duration,
 }
 
-/// Keeps an outbox table from growing without bound, and says so when its backlog grows.
+/// Keeps a context's outbox (and its idempotency keys) from growing without bound, and says so
+/// when the outbox backlog grows.
 pub struct Housekeeper {
     db: DatabaseConnection,
     schema: &'static str,
@@ -326,6 +327,10 @@ impl Housekeeper {
                 Ok(0) => {}
                 Ok(deleted) => tracing::debug!(schema, deleted, "purged sent outbox rows"),
                 Err(error) => tracing::warn!(schema, %error, "cannot purge the outbox"),
+            }
+            // The same schema's remembered Idempotency-Keys expire on the same round.
+            if let Err(error) = crate::idempotency::purge_expired(&self.db, schema).await {
+                tracing::warn!(schema, %error, "cannot purge expired idempotency keys");
             }
             let backlog = match self.backlog().await {
                 Ok(backlog) => backlog,

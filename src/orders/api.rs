@@ -6,19 +6,22 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use poem::http::StatusCode;
 use poem::middleware::ReqId;
-use poem_openapi::param::Query;
+use poem_openapi::param::{Header, Query};
 use poem_openapi::payload::{EventStream, Json};
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseConnection, TransactionTrait};
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::api_errors;
 use crate::contracts::PaymentFailureReason;
-use crate::http::{ApiError, ErrorBody, parse_amount, parse_user_id};
+use crate::http::{
+    ApiError, ErrorBody, parse_amount, parse_idempotency_key, parse_user_id, remember_response,
+    replay_if_seen,
+};
 use crate::orders::domain::{Order, OrderId, OrderStatus};
 use crate::orders::events::OrderEvents;
-use crate::orders::{OrdersError, saga, store};
+use crate::orders::{OrdersError, SCHEMA, saga, store};
 
 #[derive(Tags)]
 enum Tag {
@@ -140,16 +143,19 @@ pub enum CreateOrderResponse {
     /// The order, with status NEW; its payment runs in the background.
     #[oai(status = 201)]
     Created(Json<OrderBody>),
-    /// `user_id` or `amount` is missing or malformed.
+    /// `user_id`, `amount` or `Idempotency-Key` is missing or malformed.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
+    /// The Idempotency-Key was used before with other parameters (`idempotency_key_reused`).
+    #[oai(status = 422)]
+    Unprocessable(Json<ErrorBody>),
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
     /// The database is unreachable; retry later.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>),
 }
-api_errors!(CreateOrderResponse {});
+api_errors!(CreateOrderResponse { 422 => Unprocessable });
 
 #[derive(ApiResponse)]
 #[oai(bad_request_handler = "GetOrderResponse::bad_request")]
@@ -232,20 +238,44 @@ impl OrdersApi {
         request: &poem::Request,
         user_id: Query<String>,
         amount: Query<String>,
+        /// Optional: a retry with the same key gets the first response and places no second
+        /// order (so it is never paid twice).
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
     ) -> CreateOrderResponse {
-        let result: Result<Order, ApiError> = async {
+        let result: Result<OrderBody, ApiError> = async {
             let user = parse_user_id(&user_id)?;
             let amount = parse_amount(&amount)?;
+            let key = parse_idempotency_key(idempotency_key.0.as_deref())?;
+            let fingerprint = format!("user_id={user}&amount={amount}");
+            let endpoint = "create_order";
             let correlation_id = correlation_id(request);
-            Ok(
-                saga::place_order(&self.db, &self.relay_wake, &user, amount, &correlation_id)
-                    .await
-                    .map_err(OrdersError::from)?,
+            let txn = self.db.begin().await.map_err(OrdersError::from)?;
+            if let Some(replay) =
+                replay_if_seen(&txn, SCHEMA, endpoint, key.as_ref(), &fingerprint).await?
+            {
+                return Ok(replay);
+            }
+            let order: OrderBody = saga::place_order(&txn, &user, amount, &correlation_id)
+                .await
+                .map_err(OrdersError::from)?
+                .into();
+            remember_response(
+                &txn,
+                SCHEMA,
+                endpoint,
+                key.as_ref(),
+                StatusCode::CREATED,
+                &order,
             )
+            .await?;
+            txn.commit().await.map_err(OrdersError::from)?;
+            self.relay_wake.notify_one();
+            Ok(order)
         }
         .await;
         match result {
-            Ok(order) => CreateOrderResponse::Created(Json(order.into())),
+            Ok(order) => CreateOrderResponse::Created(Json(order)),
             Err(error) => error.into(),
         }
     }

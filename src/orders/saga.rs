@@ -1,8 +1,7 @@
 //! The payment saga, orchestrated by Orders: an order is created NEW together with its
 //! `PaymentRequestedV1` in the outbox; Payments' answer moves it to FINISHED or CANCELLED.
 
-use sea_orm::{DatabaseConnection, DbErr, TransactionTrait};
-use tokio::sync::Notify;
+use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
 
 use crate::contracts::{Contract, PaymentFailedV1, PaymentRequestedV1, PaymentSucceededV1};
 use crate::messaging::consumer::{HandleError, Handler};
@@ -16,25 +15,22 @@ use crate::user_id::UserId;
 
 const CONSUMER: &str = "orders.payment-results";
 
-/// Creates a NEW order and its payment request in one transaction, then wakes the relay.
+/// Creates a NEW order and its payment request in the caller's transaction. Once that commits,
+/// the caller wakes the outbox relay.
 pub async fn place_order(
-    db: &DatabaseConnection,
-    relay_wake: &Notify,
+    txn: &DatabaseTransaction,
     user: &UserId,
     amount: Money,
     correlation_id: &str,
 ) -> Result<Order, DbErr> {
-    let txn = db.begin().await?;
-    let order = store::insert_order(&txn, OrderId::new(), user, amount, correlation_id).await?;
+    let order = store::insert_order(txn, OrderId::new(), user, amount, correlation_id).await?;
     let request = PaymentRequestedV1 {
         order_id: order.id.as_uuid(),
         user_id: user.clone(),
         amount,
     };
-    outbox::enqueue(&txn, SCHEMA, &request, correlation_id).await?;
-    events::notify_changed(&txn, order.id).await?;
-    txn.commit().await?;
-    relay_wake.notify_one();
+    outbox::enqueue(txn, SCHEMA, &request, correlation_id).await?;
+    events::notify_changed(txn, order.id).await?;
     tracing::info!(order_id = %order.id, correlation_id, "order placed; payment requested");
     Ok(order)
 }

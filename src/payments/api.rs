@@ -1,15 +1,18 @@
 //! Payments over HTTP: create an account, top it up, read its balance and its ledger.
 
 use poem::http::StatusCode;
-use poem_openapi::param::Query;
+use poem_openapi::param::{Header, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseConnection, TransactionTrait};
 
 use crate::api_errors;
-use crate::http::{ApiError, ErrorBody, parse_amount, parse_user_id};
+use crate::http::{
+    ApiError, ErrorBody, parse_amount, parse_idempotency_key, parse_user_id, remember_response,
+    replay_if_seen,
+};
 use crate::payments::domain::{Account, EntryKind, LedgerEntry};
-use crate::payments::{PaymentsError, store};
+use crate::payments::{PaymentsError, SCHEMA, store};
 
 #[derive(Tags)]
 enum Tag {
@@ -122,19 +125,22 @@ pub enum CreateAccountResponse {
     /// The new account, with balance 0.00.
     #[oai(status = 201)]
     Created(Json<AccountBody>),
-    /// `user_id` is missing or malformed.
+    /// `user_id` or `Idempotency-Key` is missing or malformed.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// The user already has an account (`account_exists`).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
+    /// The Idempotency-Key was used before with another user id (`idempotency_key_reused`).
+    #[oai(status = 422)]
+    Unprocessable(Json<ErrorBody>),
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
     /// The database is unreachable; retry later.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>),
 }
-api_errors!(CreateAccountResponse { 409 => Conflict });
+api_errors!(CreateAccountResponse { 409 => Conflict, 422 => Unprocessable });
 
 #[derive(ApiResponse)]
 #[oai(bad_request_handler = "AddFundsResponse::bad_request")]
@@ -142,13 +148,14 @@ pub enum AddFundsResponse {
     /// The account with its new balance.
     #[oai(status = 200)]
     Ok(Json<AccountBody>),
-    /// `user_id` or `amount` is missing or malformed.
+    /// `user_id`, `amount` or `Idempotency-Key` is missing or malformed.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// The user has no account (`account_not_found`).
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
-    /// The balance would exceed what an account can hold (`balance_limit_exceeded`).
+    /// The balance would exceed what an account can hold (`balance_limit_exceeded`), or the
+    /// Idempotency-Key was used before with other parameters (`idempotency_key_reused`).
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
     #[oai(status = 500)]
@@ -209,17 +216,44 @@ impl PaymentsApi {
         method = "post",
         tag = "Tag::Payments"
     )]
-    async fn create_account(&self, user_id: Query<String>) -> CreateAccountResponse {
-        let result: Result<Account, ApiError> = async {
+    async fn create_account(
+        &self,
+        user_id: Query<String>,
+        /// Optional: a retry with the same key gets the first response and creates nothing.
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
+    ) -> CreateAccountResponse {
+        let result: Result<AccountBody, ApiError> = async {
             let user = parse_user_id(&user_id)?;
-            store::create_account(&self.db, &user)
+            let key = parse_idempotency_key(idempotency_key.0.as_deref())?;
+            let fingerprint = format!("user_id={user}");
+            let endpoint = "create_account";
+            let txn = self.db.begin().await.map_err(PaymentsError::from)?;
+            if let Some(replay) =
+                replay_if_seen(&txn, SCHEMA, endpoint, key.as_ref(), &fingerprint).await?
+            {
+                return Ok(replay);
+            }
+            let account: AccountBody = store::create_account(&txn, &user)
                 .await
                 .map_err(PaymentsError::from)?
-                .ok_or_else(|| PaymentsError::AccountExists.into())
+                .ok_or(PaymentsError::AccountExists)?
+                .into();
+            remember_response(
+                &txn,
+                SCHEMA,
+                endpoint,
+                key.as_ref(),
+                StatusCode::CREATED,
+                &account,
+            )
+            .await?;
+            txn.commit().await.map_err(PaymentsError::from)?;
+            Ok(account)
         }
         .await;
         match result {
-            Ok(account) => CreateAccountResponse::Created(Json(account.into())),
+            Ok(account) => CreateAccountResponse::Created(Json(account)),
             Err(error) => error.into(),
         }
     }
@@ -231,22 +265,49 @@ impl PaymentsApi {
         method = "post",
         tag = "Tag::Payments"
     )]
-    async fn add_funds(&self, user_id: Query<String>, amount: Query<String>) -> AddFundsResponse {
-        let result: Result<Account, ApiError> = async {
+    async fn add_funds(
+        &self,
+        user_id: Query<String>,
+        amount: Query<String>,
+        /// Optional: a retry with the same key gets the first response and adds nothing.
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
+    ) -> AddFundsResponse {
+        let result: Result<AccountBody, ApiError> = async {
             let user = parse_user_id(&user_id)?;
             let amount = parse_amount(&amount)?;
-            match store::top_up(&self.db, &user, amount)
+            let key = parse_idempotency_key(idempotency_key.0.as_deref())?;
+            let fingerprint = format!("user_id={user}&amount={amount}");
+            let endpoint = "add_funds";
+            let txn = self.db.begin().await.map_err(PaymentsError::from)?;
+            if let Some(replay) =
+                replay_if_seen(&txn, SCHEMA, endpoint, key.as_ref(), &fingerprint).await?
+            {
+                return Ok(replay);
+            }
+            let account: AccountBody = match store::top_up(&txn, &user, amount)
                 .await
                 .map_err(PaymentsError::from)?
             {
-                store::TopUp::Credited(account) => Ok(account),
-                store::TopUp::NoAccount => Err(PaymentsError::AccountNotFound.into()),
-                store::TopUp::LimitExceeded => Err(PaymentsError::BalanceLimit.into()),
-            }
+                store::TopUp::Credited(account) => account.into(),
+                store::TopUp::NoAccount => return Err(PaymentsError::AccountNotFound.into()),
+                store::TopUp::LimitExceeded => return Err(PaymentsError::BalanceLimit.into()),
+            };
+            remember_response(
+                &txn,
+                SCHEMA,
+                endpoint,
+                key.as_ref(),
+                StatusCode::OK,
+                &account,
+            )
+            .await?;
+            txn.commit().await.map_err(PaymentsError::from)?;
+            Ok(account)
         }
         .await;
         match result {
-            Ok(account) => AddFundsResponse::Ok(Json(account.into())),
+            Ok(account) => AddFundsResponse::Ok(Json(account)),
             Err(error) => error.into(),
         }
     }

@@ -239,6 +239,21 @@ impl TestApp {
         Reply { status, body }
     }
 
+    /// A POST carrying an `Idempotency-Key` header.
+    pub async fn post_with_key(&self, path: &str, query: &[(&str, &str)], key: &str) -> Reply {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.address))
+            .query(query)
+            .header("Idempotency-Key", key)
+            .send()
+            .await
+            .expect("request sent");
+        let status = response.status();
+        let body = response.json().await.expect("a JSON body");
+        Reply { status, body }
+    }
+
     pub async fn post(&self, path: &str, query: &[(&str, &str)]) -> Reply {
         self.request(reqwest::Method::POST, path, query).await
     }

@@ -6,6 +6,7 @@ mod events;
 mod faults;
 mod fuzz;
 mod helpers;
+mod idempotency;
 mod openapi;
 mod orders;
 mod outage;

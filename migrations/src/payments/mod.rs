@@ -3,13 +3,17 @@
 use sea_orm_migration::prelude::*;
 
 mod m20261125_000001_create_accounts;
+mod m20261125_000002_create_idempotency_keys;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261125_000001_create_accounts::Migration)]
+        vec![
+            Box::new(m20261125_000001_create_accounts::Migration),
+            Box::new(m20261125_000002_create_idempotency_keys::Migration),
+        ]
     }
 
     fn migration_table_name() -> DynIden {
