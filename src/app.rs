@@ -17,6 +17,7 @@ use crate::messaging::amqp::{Broker, QueueSpec};
 use crate::messaging::consumer::{self, Handler};
 use crate::messaging::dlq;
 use crate::messaging::outbox::{Housekeeper, Relay};
+use crate::metrics::Metrics;
 use crate::orders::api::OrdersApi;
 use crate::orders::events::OrderEvents;
 use crate::orders::saga::PaymentResultHandler;
@@ -80,7 +81,8 @@ impl Application {
             );
         }
         let db = connect_and_migrate(settings, role).await?;
-        let broker = broker(settings);
+        let metrics = Metrics::default();
+        let broker = broker(settings).with_metrics(metrics.clone());
         let shutdown = CancellationToken::new();
         let mut workers = Workers {
             tasks: JoinSet::new(),
@@ -92,7 +94,7 @@ impl Application {
 
         let orders_api = role.runs_orders().then(|| {
             let relay_wake = Arc::new(Notify::new());
-            let handler = PaymentResultHandler::new(db.clone());
+            let handler = PaymentResultHandler::new(db.clone(), metrics.clone());
             workers.messaging(
                 orders::SCHEMA,
                 orders::PAYMENT_RESULTS,
@@ -122,13 +124,20 @@ impl Application {
         if let Some(dir) = static_dir.as_ref().filter(|dir| !dir.is_dir()) {
             tracing::warn!(dir = %dir.display(), "static folder not found; the web page is not served");
         }
-        let routes = http::routes(
-            db.clone(),
-            broker.links().clone(),
-            orders_api,
-            payments_api,
-            static_dir,
-        );
+        let mut schemas = Vec::new();
+        if role.runs_orders() {
+            schemas.push(orders::SCHEMA);
+        }
+        if role.runs_payments() {
+            schemas.push(payments::SCHEMA);
+        }
+        let observed = http::Observed {
+            db: db.clone(),
+            links: broker.links().clone(),
+            metrics,
+            schemas,
+        };
+        let routes = http::routes(observed, orders_api, payments_api, static_dir);
 
         let listener = tokio::net::TcpListener::bind(settings.http_addr)
             .await

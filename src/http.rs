@@ -15,6 +15,8 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use crate::idempotency::{self, Claim, IdempotencyKey};
 
 use crate::messaging::amqp::BrokerLinks;
+use crate::messaging::outbox;
+use crate::metrics::Metrics;
 use crate::orders::api::OrdersApi;
 use crate::payments::api::PaymentsApi;
 
@@ -147,8 +149,7 @@ pub fn openapi_yaml() -> String {
 /// The routes a role serves, wrapped in request ids, tracing, panic catching and the JSON
 /// envelope for errors that happen outside our handlers (unknown path, wrong method).
 pub fn routes(
-    db: DatabaseConnection,
-    links: BrokerLinks,
+    observed: Observed,
     orders: Option<OrdersApi>,
     payments: Option<PaymentsApi>,
     static_dir: Option<PathBuf>,
@@ -156,7 +157,8 @@ pub fn routes(
     let version = env!("CARGO_PKG_VERSION");
     let route = Route::new()
         .at("/health/live", get(live))
-        .at("/health/ready", get(ready).data(db).data(links));
+        .at("/health/ready", get(ready).data(observed.clone()))
+        .at("/metrics", get(metrics).data(observed));
     // Operation paths already start with /api, so the prefix is not stripped.
     let route = match (orders, payments) {
         (Some(orders), Some(payments)) => {
@@ -213,14 +215,21 @@ fn live() -> PoemJson<serde_json::Value> {
     PoemJson(serde_json::json!({"status": "ok"}))
 }
 
+/// What the operational endpoints look at: the database, the broker links, the metrics, and the
+/// schemas whose outboxes this role publishes.
+#[derive(Clone)]
+pub struct Observed {
+    pub db: DatabaseConnection,
+    pub links: BrokerLinks,
+    pub metrics: Metrics,
+    pub schemas: Vec<&'static str>,
+}
+
 /// Ready when the database answers and every relay and consumer of this process is connected
 /// to the broker.
 #[handler]
-async fn ready(
-    db: poem::web::Data<&DatabaseConnection>,
-    links: poem::web::Data<&BrokerLinks>,
-) -> Response {
-    if let Err(error) = db.ping().await {
+async fn ready(observed: poem::web::Data<&Observed>) -> Response {
+    if let Err(error) = observed.db.ping().await {
         tracing::warn!(%error, "not ready: database unreachable");
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -229,7 +238,7 @@ async fn ready(
         )
         .into_response();
     }
-    let down = links.down();
+    let down = observed.links.down();
     if !down.is_empty() {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -239,6 +248,28 @@ async fn ready(
         .into_response();
     }
     PoemJson(serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// Prometheus text format. Outbox backlogs are measured now; if the database cannot be read
+/// they keep their last value.
+#[handler]
+async fn metrics(observed: poem::web::Data<&Observed>) -> Response {
+    for schema in &observed.schemas {
+        match outbox::backlog(&observed.db, schema).await {
+            Ok(backlog) => {
+                observed
+                    .metrics
+                    .outbox_backlog(schema, backlog.unsent, backlog.oldest_age_secs)
+            }
+            Err(error) => tracing::warn!(schema, %error, "cannot measure the outbox backlog"),
+        }
+    }
+    match observed.metrics.encode() {
+        Ok(text) => text
+            .with_content_type("text/plain; version=0.0.4; charset=utf-8")
+            .into_response(),
+        Err(_) => ApiError::internal().into_response(),
+    }
 }
 
 /// Parses the `user_id` query parameter, or says why it is not one.

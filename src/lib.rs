@@ -12,6 +12,7 @@ pub mod db;
 pub mod http;
 pub mod idempotency;
 pub mod messaging;
+pub mod metrics;
 pub mod money;
 pub mod orders;
 pub mod payments;

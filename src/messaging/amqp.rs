@@ -18,6 +18,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::messaging::signing::MessageKey;
+use crate::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
 /// A queue some consumer reads, and the message types routed to it.
@@ -50,6 +51,7 @@ pub struct Broker {
     settings: Arc<BrokerSettings>,
     queues: Arc<Vec<QueueSpec>>,
     links: BrokerLinks,
+    metrics: Metrics,
 }
 
 /// Which broker-facing tasks (relays, consumers) of this process are connected right now;
@@ -102,7 +104,18 @@ impl Broker {
             settings: Arc::new(settings),
             queues: Arc::new(queues),
             links: BrokerLinks::default(),
+            metrics: Metrics::default(),
         }
+    }
+
+    /// Counts what this broker's relays publish and consumers handle into `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Broker {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn settings(&self) -> &BrokerSettings {

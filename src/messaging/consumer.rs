@@ -45,10 +45,21 @@ impl From<sea_orm::DbErr> for HandleError {
     }
 }
 
+/// What a handler did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    Applied,
+    /// Its id was already in the inbox: nothing done again.
+    Duplicate,
+}
+
 /// What a context does with one message. Must be idempotent: it records the message id in its
 /// inbox in the same transaction as its effect.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, envelope: Envelope) -> impl Future<Output = Result<(), HandleError>> + Send;
+    fn handle(
+        &self,
+        envelope: Envelope,
+    ) -> impl Future<Output = Result<Handled, HandleError>> + Send;
 }
 
 #[derive(Clone, Debug)]
@@ -136,20 +147,31 @@ async fn consume<H: Handler>(
         let key = &broker.settings().message_key;
         let outcome =
             handle_holding_through_outages(handler, key, &delivery, queue_name, shutdown).await;
+        let metrics = broker.metrics();
         match outcome {
-            Ok(()) => {
+            Ok(handled) => {
+                metrics.consumed(
+                    queue_name,
+                    if handled == Handled::Applied {
+                        "applied"
+                    } else {
+                        "duplicate"
+                    },
+                );
                 transient_failures = 0;
                 broker
                     .timed(delivery.acker.ack(BasicAckOptions::default()))
                     .await?;
             }
             Err(HandleError::Poison(reason)) => {
+                metrics.consumed(queue_name, "dead_lettered");
                 tracing::error!(queue = queue_name, %reason, "dead-lettering a message that can never be applied");
                 broker
                     .timed(delivery.acker.reject(BasicRejectOptions { requeue: false }))
                     .await?;
             }
             Err(HandleError::Transient(reason) | HandleError::Unavailable(reason)) => {
+                metrics.consumed(queue_name, "requeued");
                 // Pause before handing it back, so an outage does not burn through the
                 // delivery limit in a tight loop.
                 transient_failures += 1;
@@ -178,7 +200,7 @@ async fn handle_holding_through_outages<H: Handler>(
     delivery: &Delivery,
     queue_name: &str,
     shutdown: &CancellationToken,
-) -> Result<(), HandleError> {
+) -> Result<Handled, HandleError> {
     let mut attempts = 0u32;
     loop {
         let outcome = handle_delivery(handler, key, delivery).await;
@@ -204,7 +226,7 @@ async fn handle_delivery<H: Handler>(
     handler: &H,
     key: &MessageKey,
     delivery: &Delivery,
-) -> Result<(), HandleError> {
+) -> Result<Handled, HandleError> {
     let signature = delivery
         .properties
         .headers()

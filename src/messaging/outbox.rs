@@ -179,6 +179,7 @@ impl Relay {
         ))
         .await?;
         txn.commit().await?;
+        self.broker.metrics().published(schema, rows.len());
         tracing::debug!(schema, sent = rows.len(), "outbox batch published");
         Ok(rows.len())
     }
@@ -297,22 +298,7 @@ impl Housekeeper {
     }
 
     pub async fn backlog(&self) -> Result<Backlog, DbErr> {
-        let schema = self.schema;
-        let row = self
-            .db
-            .query_one_raw(Statement::from_string(
-                DbBackend::Postgres,
-                format!(
-                    "SELECT count(*) AS unsent, coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::FLOAT8 AS age \
-                     FROM {schema}.outbox WHERE sent_at IS NULL"
-                ),
-            ))
-            .await?
-            .ok_or_else(|| DbErr::Custom("no backlog row".into()))?;
-        Ok(Backlog {
-            unsent: row.try_get("", "unsent")?,
-            oldest_age_secs: row.try_get("", "age")?,
-        })
+        backlog(&self.db, self.schema).await
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -373,4 +359,23 @@ impl Housekeeper {
             }
         }
     }
+}
+
+/// How many messages of `schema`'s outbox are unsent, and how old the oldest is.
+pub async fn backlog(db: &impl ConnectionTrait, schema: &str) -> Result<Backlog, DbErr> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            format!(
+                "SELECT count(*) AS unsent, \
+                 coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::FLOAT8 AS age \
+                 FROM {schema}.outbox WHERE sent_at IS NULL"
+            ),
+        ))
+        .await?
+        .ok_or_else(|| DbErr::Custom("no backlog row".into()))?;
+    Ok(Backlog {
+        unsent: row.try_get("", "unsent")?,
+        oldest_age_secs: row.try_get("", "age")?,
+    })
 }

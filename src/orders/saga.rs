@@ -4,9 +4,10 @@
 use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
 
 use crate::contracts::{Contract, PaymentFailedV1, PaymentRequestedV1, PaymentSucceededV1};
-use crate::messaging::consumer::{HandleError, Handler};
+use crate::messaging::consumer::{HandleError, Handled, Handler};
 use crate::messaging::envelope::Envelope;
 use crate::messaging::{inbox, outbox};
+use crate::metrics::Metrics;
 use crate::money::Money;
 use crate::orders::domain::{Order, OrderId, OrderStatus};
 use crate::orders::store::{self, Settlement};
@@ -38,11 +39,12 @@ pub async fn place_order(
 /// Applies Payments' answers to orders.
 pub struct PaymentResultHandler {
     db: DatabaseConnection,
+    metrics: Metrics,
 }
 
 impl PaymentResultHandler {
-    pub fn new(db: DatabaseConnection) -> PaymentResultHandler {
-        PaymentResultHandler { db }
+    pub fn new(db: DatabaseConnection, metrics: Metrics) -> PaymentResultHandler {
+        PaymentResultHandler { db, metrics }
     }
 }
 
@@ -51,7 +53,7 @@ fn poison(error: impl std::fmt::Display) -> HandleError {
 }
 
 impl Handler for PaymentResultHandler {
-    async fn handle(&self, envelope: Envelope) -> Result<(), HandleError> {
+    async fn handle(&self, envelope: Envelope) -> Result<Handled, HandleError> {
         let (order_id, status) = match envelope.message_type.as_str() {
             PaymentSucceededV1::TYPE => {
                 let answer: PaymentSucceededV1 = envelope.payload_as().map_err(poison)?;
@@ -69,19 +71,21 @@ impl Handler for PaymentResultHandler {
         if !inbox::record_first_delivery(&txn, SCHEMA, CONSUMER, envelope.message_id).await? {
             txn.commit().await?;
             tracing::info!(%order_id, "duplicate payment result ignored");
-            return Ok(());
+            return Ok(Handled::Duplicate);
         }
         match store::settle_order(&txn, order_id, status).await? {
             Settlement::Settled(order) => {
                 events::notify_changed(&txn, order_id).await?;
                 txn.commit().await?;
-                tracing::info!(%order_id, status = order.status.as_str(), "order settled");
-                Ok(())
+                let took = (order.updated_at - order.created_at).as_seconds_f64();
+                self.metrics.saga_settled(took);
+                tracing::info!(%order_id, status = order.status.as_str(), saga_seconds = took, "order settled");
+                Ok(Handled::Applied)
             }
             Settlement::AlreadyFinal(order) => {
                 txn.commit().await?;
                 tracing::info!(%order_id, status = order.status.as_str(), "order already final; answer ignored");
-                Ok(())
+                Ok(Handled::Applied)
             }
             // Rolled back with the inbox row: the message goes to the dead-letter queue intact.
             Settlement::Unknown => Err(poison(format!(

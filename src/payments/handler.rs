@@ -7,7 +7,7 @@ use sea_orm::{DatabaseConnection, TransactionTrait};
 use tokio::sync::Notify;
 
 use crate::contracts::{Contract, PaymentFailedV1, PaymentRequestedV1, PaymentSucceededV1};
-use crate::messaging::consumer::{HandleError, Handler};
+use crate::messaging::consumer::{HandleError, Handled, Handler};
 use crate::messaging::envelope::Envelope;
 use crate::messaging::{inbox, outbox};
 use crate::payments::domain::DebitOutcome;
@@ -28,7 +28,7 @@ impl PaymentRequestHandler {
 }
 
 impl Handler for PaymentRequestHandler {
-    async fn handle(&self, envelope: Envelope) -> Result<(), HandleError> {
+    async fn handle(&self, envelope: Envelope) -> Result<Handled, HandleError> {
         if envelope.message_type != PaymentRequestedV1::TYPE {
             return Err(HandleError::Poison(format!(
                 "unexpected message type {:?}",
@@ -43,7 +43,7 @@ impl Handler for PaymentRequestHandler {
         if !inbox::record_first_delivery(&txn, SCHEMA, CONSUMER, envelope.message_id).await? {
             txn.commit().await?;
             tracing::info!(order_id = %request.order_id, "duplicate payment request ignored");
-            return Ok(());
+            return Ok(Handled::Duplicate);
         }
         let outcome =
             store::debit_for_order(&txn, request.order_id, &request.user_id, request.amount)
@@ -71,6 +71,6 @@ impl Handler for PaymentRequestHandler {
         txn.commit().await?;
         self.relay_wake.notify_one();
         tracing::info!(order_id = %request.order_id, ?outcome, "payment decided");
-        Ok(())
+        Ok(Handled::Applied)
     }
 }

@@ -7,6 +7,7 @@ mod faults;
 mod fuzz;
 mod helpers;
 mod idempotency;
+mod metrics;
 mod openapi;
 mod orders;
 mod outage;

@@ -1,0 +1,127 @@
+//! Prometheus metrics of one process, served at `/metrics`: messages published, consumed (and
+//! how), and how long sagas take. Outbox backlogs are measured in the database at scrape time.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SchemaLabel {
+    pub schema: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumedLabels {
+    pub queue: String,
+    /// `applied`, `duplicate`, `dead_lettered` or `requeued`.
+    pub outcome: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    published: Family<SchemaLabel, Counter>,
+    consumed: Family<ConsumedLabels, Counter>,
+    saga_duration: Histogram,
+    outbox_backlog: Family<SchemaLabel, Gauge>,
+    outbox_oldest_age: Family<SchemaLabel, Gauge<f64, AtomicU64>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("gozon");
+        let published = Family::<SchemaLabel, Counter>::default();
+        registry.register(
+            "outbox_published",
+            "Outbox messages published and confirmed by the broker",
+            published.clone(),
+        );
+        let consumed = Family::<ConsumedLabels, Counter>::default();
+        registry.register(
+            "messages_consumed",
+            "Deliveries handled, by queue and outcome (applied, duplicate, dead_lettered, requeued)",
+            consumed.clone(),
+        );
+        // 5 ms .. ~80 s.
+        let saga_duration = Histogram::new(exponential_buckets(0.005, 2.0, 15));
+        registry.register(
+            "saga_duration_seconds",
+            "From an order's creation to FINISHED or CANCELLED",
+            saga_duration.clone(),
+        );
+        let outbox_backlog = Family::<SchemaLabel, Gauge>::default();
+        registry.register(
+            "outbox_backlog",
+            "Outbox messages not yet published",
+            outbox_backlog.clone(),
+        );
+        let outbox_oldest_age = Family::<SchemaLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "outbox_oldest_unsent_age_seconds",
+            "Age of the oldest outbox message not yet published",
+            outbox_oldest_age.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            published,
+            consumed,
+            saga_duration,
+            outbox_backlog,
+            outbox_oldest_age,
+        }
+    }
+}
+
+fn schema(schema: &str) -> SchemaLabel {
+    SchemaLabel {
+        schema: schema.to_owned(),
+    }
+}
+
+impl Metrics {
+    pub fn published(&self, from_schema: &str, count: usize) {
+        self.published
+            .get_or_create(&schema(from_schema))
+            .inc_by(count as u64);
+    }
+
+    pub fn consumed(&self, queue: &str, outcome: &str) {
+        let labels = ConsumedLabels {
+            queue: queue.to_owned(),
+            outcome: outcome.to_owned(),
+        };
+        self.consumed.get_or_create(&labels).inc();
+    }
+
+    pub fn saga_settled(&self, seconds: f64) {
+        self.saga_duration.observe(seconds);
+    }
+
+    pub fn outbox_backlog(&self, of_schema: &str, unsent: i64, oldest_age_secs: f64) {
+        self.outbox_backlog
+            .get_or_create(&schema(of_schema))
+            .set(unsent);
+        self.outbox_oldest_age
+            .get_or_create(&schema(of_schema))
+            .set(oldest_age_secs);
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
