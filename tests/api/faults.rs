@@ -155,7 +155,7 @@ async fn assert_nothing_lost(
     assert_eq!((new, double), (0, 0));
     eprintln!(
         "FAULT-REPORT | {fault} | orders {orders} (accepted {}; {refused} attempts refused while down, retried) | finished {finished} | \
-         lost {new} | double debits {double} | all final {:.1}s after the fault | audit passed",
+         lost {new} | double debits {double} | all final {:.1}s after the fault ended | audit passed",
         ids.len(),
         recovery.as_secs_f64()
     );
@@ -189,52 +189,6 @@ async fn wait_for(created: &AtomicUsize, count: usize) {
     }
 }
 
-#[tokio::test]
-#[ignore = "disturbs the shared broker: run with --ignored --test-threads 1"]
-async fn dropping_every_broker_connection_loses_nothing() {
-    let env = TestEnv::new();
-    let payments = env.spawn(Role::Payments).await;
-    let orders = Arc::new(env.spawn(Role::Orders).await);
-    fund_users(&payments).await;
-
-    let created = Arc::new(AtomicUsize::new(0));
-    let placing = tokio::spawn(place_orders(orders.clone(), 200, created.clone()));
-    wait_for(&created, 60).await;
-    rabbitmqctl(&["-q", "close_all_connections", "fault injection"]);
-    let fault = Instant::now();
-    let (ids, refused) = placing.await.unwrap();
-    let recovery = wait_all_final(&orders, &ids, fault).await;
-    assert_nothing_lost(&env, "all AMQP connections closed", &ids, refused, recovery).await;
-}
-
-#[tokio::test]
-#[ignore = "disturbs the shared broker: run with --ignored --test-threads 1"]
-async fn a_broker_restart_loses_nothing() {
-    let env = TestEnv::new();
-    let payments = env.spawn(Role::Payments).await;
-    let orders = Arc::new(env.spawn(Role::Orders).await);
-    fund_users(&payments).await;
-
-    let created = Arc::new(AtomicUsize::new(0));
-    let placing = tokio::spawn(place_orders(orders.clone(), 200, created.clone()));
-    wait_for(&created, 60).await;
-    let restarter = BrokerRestarter;
-    rabbitmqctl(&["-q", "stop_app"]);
-    let fault = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    drop(restarter);
-    let (ids, refused) = placing.await.unwrap();
-    let recovery = wait_all_final(&orders, &ids, fault).await;
-    assert_nothing_lost(
-        &env,
-        "RabbitMQ stop_app, 3 s, start_app",
-        &ids,
-        refused,
-        recovery,
-    )
-    .await;
-}
-
 async fn kill_and_restart(role: &str) {
     let env = TestEnv::new();
     let mut payments = env.start_process("payments").await;
@@ -251,9 +205,9 @@ async fn kill_and_restart(role: &str) {
         &mut orders
     };
     target.kill();
-    let fault = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
     target.restart().await;
+    let fault = Instant::now();
     let (ids, refused) = placing.await.unwrap();
     wait_none_new(&env, Duration::from_secs(90)).await;
     let recovery = wait_all_final(&entry, &ids, fault).await;
@@ -281,47 +235,6 @@ async fn killing_the_orders_process_loses_nothing() {
 
 #[tokio::test]
 #[ignore = "disturbs the shared broker: run with --ignored --test-threads 1"]
-async fn a_database_outage_in_the_middle_of_a_run_loses_nothing() {
-    let env = TestEnv::new();
-    let payments = env.spawn(Role::Payments).await;
-    let orders = Arc::new(env.spawn(Role::Orders).await);
-    fund_users(&payments).await;
-    let name = env.database_url.rsplit('/').next().unwrap().to_owned();
-    let admin = sea_orm::Database::connect(format!("{}/postgres", crate::helpers::POSTGRES))
-        .await
-        .unwrap();
-
-    let created = Arc::new(AtomicUsize::new(0));
-    let placing = tokio::spawn(place_orders(orders.clone(), 200, created.clone()));
-    wait_for(&created, 60).await;
-    use sea_orm::ConnectionTrait;
-    admin
-        .execute_unprepared(&format!(
-            "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false; \
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}';"
-        ))
-        .await
-        .unwrap();
-    let fault = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    admin
-        .execute_unprepared(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
-        .await
-        .unwrap();
-    let (ids, refused) = placing.await.unwrap();
-    let recovery = wait_all_final(&orders, &ids, fault).await;
-    assert_nothing_lost(
-        &env,
-        "PostgreSQL refuses connections for 3 s",
-        &ids,
-        refused,
-        recovery,
-    )
-    .await;
-}
-
-#[tokio::test]
-#[ignore = "disturbs the shared broker: run with --ignored --test-threads 1"]
 async fn two_instances_of_each_role_survive_a_killed_payments_instance() {
     let env = TestEnv::new();
     let mut payments_a = env.start_process("payments").await;
@@ -345,5 +258,69 @@ async fn two_instances_of_each_role_survive_a_killed_payments_instance() {
         refused,
         recovery,
     )
+    .await;
+}
+
+/// Split roles in this process, 200 orders being placed by 8 clients, and `fault` injected once
+/// the 60th is accepted. Recovery is timed from the moment `fault` returns (its dependency back).
+async fn orders_in_flight_survive(name: &str, fault: impl AsyncFnOnce(&TestEnv)) {
+    let env = TestEnv::new();
+    let payments = env.spawn(Role::Payments).await;
+    let orders = Arc::new(env.spawn(Role::Orders).await);
+    fund_users(&payments).await;
+
+    let created = Arc::new(AtomicUsize::new(0));
+    let placing = tokio::spawn(place_orders(orders.clone(), 200, created.clone()));
+    wait_for(&created, 60).await;
+    fault(&env).await;
+    let restored = Instant::now();
+    let (ids, refused) = placing.await.unwrap();
+    let recovery = wait_all_final(&orders, &ids, restored).await;
+    assert_nothing_lost(&env, name, &ids, refused, recovery).await;
+}
+
+#[tokio::test]
+#[ignore = "disturbs the shared broker: run with --ignored --test-threads 1"]
+async fn dropping_every_broker_connection_loses_nothing() {
+    orders_in_flight_survive("all AMQP connections closed", async |_| {
+        rabbitmqctl(&["-q", "close_all_connections", "fault injection"]);
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "disturbs the shared broker: run with --ignored --test-threads 1"]
+async fn a_broker_restart_loses_nothing() {
+    orders_in_flight_survive("RabbitMQ stop_app, 3 s, start_app", async |_| {
+        let restarter = BrokerRestarter;
+        rabbitmqctl(&["-q", "stop_app"]);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        drop(restarter);
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "disturbs the shared broker: run with --ignored --test-threads 1"]
+async fn a_database_outage_in_the_middle_of_a_run_loses_nothing() {
+    orders_in_flight_survive("PostgreSQL refuses connections for 3 s", async |env| {
+        use sea_orm::ConnectionTrait;
+        let name = env.database_url.rsplit('/').next().unwrap().to_owned();
+        let admin = sea_orm::Database::connect(format!("{}/postgres", crate::helpers::POSTGRES))
+            .await
+            .unwrap();
+        admin
+            .execute_unprepared(&format!(
+                "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false; \
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}';"
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        admin
+            .execute_unprepared(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
+            .await
+            .unwrap();
+    })
     .await;
 }

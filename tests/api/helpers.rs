@@ -11,6 +11,46 @@ use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statemen
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+/// Every malformed `user_id` the bad-input tests send (plus 65 characters, made at run time).
+pub const BAD_USER_IDS: &[&str] = &[
+    "",
+    " ",
+    "a b",
+    "' OR 1=1 --",
+    "x;DROP TABLE payments.accounts",
+    "ü",
+];
+
+/// Every malformed `amount` the bad-input tests send.
+pub const BAD_AMOUNTS: &[&str] = &[
+    "",
+    "abc",
+    "-5",
+    "-0.01",
+    "0",
+    "0.00",
+    "1.234",
+    "1000000000000000",
+    "1000000000.01",
+    "1e3",
+    "0x10",
+    "NaN",
+    " 5",
+    "5 ",
+    "5;DROP TABLE orders.orders",
+    "1,5",
+    "+5",
+    ".5",
+    "5.",
+];
+
+/// [`BAD_USER_IDS`] and one that is too long.
+pub fn bad_user_ids() -> Vec<String> {
+    let mut ids: Vec<String> = BAD_USER_IDS.iter().map(|s| s.to_string()).collect();
+    ids.push("x".repeat(65));
+    ids
+}
+
 pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
