@@ -1,11 +1,29 @@
-// Gozon's web page: plain JavaScript over the JSON API, live order status over Server-Sent Events.
+// Gozon's web page: plain JavaScript over the JSON API; order statuses arrive live over
+// Server-Sent Events, and are polled every 2 s while the stream is down.
+// URLs are relative, so the page works from `gozon serve` and behind the nginx gateway alike.
 "use strict";
 
 const USER_KEY = "gozon.userId";
 const USER_ID = /^[A-Za-z0-9._-]{1,64}$/;
 const POLL_MS = 2000;
+const FINAL = new Set(["FINISHED", "CANCELLED"]);
+const REASONS = { no_account: "no account", insufficient_funds: "insufficient funds" };
+const BADGES = { NEW: "text-bg-warning", FINISHED: "text-bg-success", CANCELLED: "text-bg-danger" };
 
-const state = { user: null, orders: new Map(), stream: null, pollTimer: null };
+const state = {
+  user: null,
+  session: 0, // bumped on every log in and log out: answers meant for an earlier session are dropped
+  orders: new Map(), // id -> order, as the server last described it
+  rows: new Map(), // id -> its <li>
+  stream: null,
+  pollTimer: null,
+  reopenTimer: null,
+  balanceTicket: 0, // balance answers are shown only if no later-asked one was shown already
+  balanceShown: 0,
+  balanceLoading: false,
+  balanceAgain: false,
+  retryKeys: new Map(), // action -> { params, key } of a submission whose outcome is unknown
+};
 const $ = (id) => document.getElementById(id);
 
 // ---- API -------------------------------------------------------------------------------------
@@ -13,69 +31,123 @@ const $ = (id) => document.getElementById(id);
 class ApiError extends Error {
   constructor(status, code, message) {
     super(message);
-    this.status = status;
+    this.status = status; // 0: no answer at all
     this.code = code;
   }
 }
 
-async function api(method, path, params = {}) {
+async function api(method, path, params = {}, idempotencyKey = null) {
   const query = new URLSearchParams(params).toString();
+  const headers = { Accept: "application/json" };
+  if (idempotencyKey) headers["Idempotency-Key"] = idempotencyKey;
   let response;
   try {
-    response = await fetch(query ? `${path}?${query}` : path, { method, headers: { Accept: "application/json" } });
+    response = await fetch(query ? `${path}?${query}` : path, { method, headers, cache: "no-store" });
   } catch (e) {
-    throw new ApiError(0, "network", "Cannot reach the server. Check your connection and try again.");
+    throw new ApiError(0, "network", "the server cannot be reached; check your connection and try again.");
   }
   let body = null;
   try {
     body = await response.json();
   } catch (e) {
-    body = null;
+    body = null; // e.g. a gateway's HTML error page
   }
   if (!response.ok) {
-    const message = body && body.message ? body.message : `The server answered ${response.status}.`;
+    const status = `${response.status} ${response.statusText}`.trim();
+    const message = body && typeof body.message === "string" && body.message
+      ? body.message
+      : response.status >= 500
+        ? `the service is unavailable right now (${status}); try again in a moment.`
+        : `the server answered ${status}.`;
     throw new ApiError(response.status, body && body.error ? body.error : "http_error", message);
   }
   return body;
 }
 
-// ---- Formatting ------------------------------------------------------------------------------
-
-// The API sends exact decimal strings ("1234.50"); group the digits without ever using floats.
-function money(text) {
-  const [whole, fraction = "00"] = String(text).split(".");
-  const grouped = whole.replace(/\B(?=(\d{3})+(?!\d))/g, "\u202f");
-  return `${grouped}.${fraction.padEnd(2, "0")} ₽`;
+function randomKey() {
+  // crypto.randomUUID needs a secure context; the page may be served over plain http.
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-const REASONS = { no_account: "no account", insufficient_funds: "insufficient funds" };
-const BADGES = { NEW: "text-bg-warning", FINISHED: "text-bg-success", CANCELLED: "text-bg-danger" };
+// A POST that got no answer (network failure, 5xx) may or may not have happened. Sending the same
+// values again reuses its Idempotency-Key, so the server does it at most once; anything else
+// (success, other values, a 4xx refusal) starts afresh.
+async function post(action, path, params) {
+  const signature = JSON.stringify(params);
+  let pending = state.retryKeys.get(action);
+  if (!pending || pending.signature !== signature) pending = { signature, key: randomKey() };
+  state.retryKeys.set(action, pending);
+  try {
+    const body = await api("POST", path, params, pending.key);
+    state.retryKeys.delete(action);
+    resolved(action); // an earlier failure of this action is past
+    return body;
+  } catch (error) {
+    if (error.status >= 400 && error.status < 500) state.retryKeys.delete(action);
+    throw error;
+  }
+}
+
+// ---- Formatting ------------------------------------------------------------------------------
+
+// The API sends exact decimal strings ("1234.50"): group the digits without ever using floats.
+function money(text) {
+  const [whole, fraction = ""] = String(text).split(".");
+  const grouped = whole.replace(/\B(?=(\d{3})+(?!\d))/g, "\u202f");
+  return `${grouped}.${fraction.padEnd(2, "0")}\u00a0₽`;
+}
+
+function when(timestamp) {
+  const date = new Date(timestamp);
+  return Number.isNaN(date.getTime()) ? "" : date.toLocaleString();
+}
 
 // ---- Messages to the person ------------------------------------------------------------------
 
-function notify(text, kind = "danger") {
+// Errors stay until closed; notices go after 4 s. An alert already on screen is not repeated
+// (polling while the server is unreachable would otherwise add one every 2 s).
+function notify(text, kind = "danger", topic = "") {
+  const alerts = $("alerts");
+  const same = [...alerts.children].find((alert) => alert.dataset.text === text);
+  if (same) {
+    alerts.prepend(same);
+    return;
+  }
+  // One notice at a time: a newer one replaces it.
+  if (kind !== "danger") alerts.querySelectorAll("[data-testid=notice]").forEach((n) => n.remove());
   const alert = document.createElement("div");
-  alert.className = `alert alert-${kind} alert-dismissible fade show`;
-  alert.setAttribute("role", "alert");
+  alert.className = `alert alert-${kind} alert-dismissible fade show py-2 mb-2`;
+  alert.setAttribute("role", kind === "danger" ? "alert" : "status");
   alert.dataset.testid = kind === "danger" ? "error" : "notice";
-  alert.textContent = text;
+  alert.dataset.text = text;
+  alert.dataset.topic = topic;
+  alert.append(text);
   const close = document.createElement("button");
   close.type = "button";
   close.className = "btn-close";
   close.setAttribute("aria-label", "Close");
   close.addEventListener("click", () => alert.remove());
-  alert.appendChild(close);
-  $("alerts").prepend(alert);
-  if (kind !== "danger") setTimeout(() => alert.remove(), 4000); // errors stay until read
-  while ($("alerts").children.length > 4) $("alerts").lastElementChild.remove();
+  alert.append(close);
+  alerts.prepend(alert);
+  if (kind !== "danger") setTimeout(() => alert.remove(), 4000);
+  while (alerts.children.length > 4) alerts.lastElementChild.remove();
+}
+
+// Background loads (balance, order list) and actions clear their own error once they work again.
+function resolved(topic) {
+  for (const alert of [...$("alerts").children]) if (alert.dataset.topic === topic) alert.remove();
+}
+
+// what: [when the server refused, when there was no usable answer] or one text for both.
+function explain(error, what, topic = "") {
+  const [refused, failed] = Array.isArray(what) ? what : [what, what];
+  const unanswered = error.status === 0 || error.status >= 500;
+  notify(`${unanswered ? failed : refused}: ${error.message}`, "danger", topic);
 }
 
 function clearAlerts() {
   $("alerts").replaceChildren();
-}
-
-function explain(error, what) {
-  notify(`${what}: ${error.message}`);
 }
 
 // ---- Views -----------------------------------------------------------------------------------
@@ -92,80 +164,144 @@ function showApp() {
   $("app-view").classList.remove("d-none");
   $("session").classList.remove("d-none");
   $("current-user").textContent = state.user;
+  $("current-user").title = state.user;
 }
 
+// account: the account, null for "no account yet", undefined for "unknown" (still loading).
 function showBalance(account) {
+  $("account-loading").classList.toggle("d-none", account !== undefined);
   $("no-account").classList.toggle("d-none", account !== null);
-  $("account").classList.toggle("d-none", account === null);
+  $("account").classList.toggle("d-none", !account);
   if (account) $("balance").textContent = money(account.balance);
 }
 
-function renderOrder(order) {
-  let item = document.querySelector(`[data-order-id="${order.id}"]`);
+function orderRow(order) {
+  let item = state.rows.get(order.id);
   if (!item) {
     item = document.createElement("li");
-    item.className = "list-group-item d-flex justify-content-between align-items-start gap-2 px-0";
+    item.className = "list-group-item px-0";
     item.dataset.orderId = order.id;
     item.dataset.testid = "order";
     item.innerHTML =
-      '<div class="flex-grow-1"><div class="order-amount fw-semibold"></div>' +
-      '<div class="order-id text-muted"></div><div class="small text-muted order-time"></div></div>' +
-      '<div class="text-end"><span class="badge" data-testid="status"></span>' +
-      '<div class="small text-danger order-reason" data-testid="reason"></div></div>';
+      '<div class="d-flex justify-content-between align-items-center gap-2">' +
+      '<span class="order-amount fw-semibold" data-testid="amount"></span>' +
+      '<span class="order-status badge" data-testid="status"></span></div>' +
+      '<div class="d-flex justify-content-between gap-2 small">' +
+      '<span class="order-time text-muted"></span>' +
+      '<span class="order-note text-end" data-testid="note"></span></div>' +
+      '<div class="order-id text-muted" data-testid="order-id"></div>';
+    state.rows.set(order.id, item);
   }
-  item.querySelector(".order-amount").textContent = money(order.amount);
-  item.querySelector(".order-id").textContent = order.id;
-  item.querySelector(".order-time").textContent = new Date(order.created_at).toLocaleString();
-  const badge = item.querySelector("[data-testid=status]");
-  badge.className = `badge ${BADGES[order.status] || "text-bg-secondary"}`;
-  badge.textContent = order.status;
   item.dataset.status = order.status;
-  item.querySelector(".order-reason").textContent = order.reason ? REASONS[order.reason] || order.reason : "";
+  item.querySelector(".order-amount").textContent = money(order.amount);
+  item.querySelector(".order-time").textContent = when(order.created_at);
+  item.querySelector(".order-id").textContent = order.id;
+  const badge = item.querySelector(".order-status");
+  badge.className = `order-status badge ${BADGES[order.status] || "text-bg-secondary"}`;
+  badge.textContent = order.status;
+  const note = item.querySelector(".order-note");
+  note.replaceChildren();
+  if (order.status === "CANCELLED") {
+    const reason = document.createElement("span");
+    reason.dataset.testid = "reason";
+    reason.textContent = REASONS[order.reason] || order.reason || "no reason given";
+    note.className = "order-note text-end text-danger";
+    note.append(reason);
+  } else if (order.status === "NEW") {
+    note.className = "order-note text-end text-muted";
+    note.textContent = "awaiting payment…";
+  } else {
+    note.className = "order-note text-end text-success";
+    note.textContent = "paid";
+  }
   return item;
 }
 
 function renderOrders() {
-  const sorted = [...state.orders.values()].sort((a, b) =>
-    Date.parse(b.created_at) - Date.parse(a.created_at) || (a.id < b.id ? 1 : -1));
-  $("orders").replaceChildren(...sorted.map(renderOrder));
-  $("no-orders").classList.toggle("d-none", sorted.length > 0);
+  const newestFirst = [...state.orders.values()].sort((a, b) =>
+    Date.parse(b.created_at) - Date.parse(a.created_at) || (a.id < b.id ? 1 : a.id > b.id ? -1 : 0));
+  $("orders").replaceChildren(...newestFirst.map(orderRow));
+  $("no-orders").classList.toggle("d-none", newestFirst.length > 0);
 }
 
-// Applies an order as the server sent it; returns true when its status changed.
+// Applies an order as the server described it; returns true when its status changed. A status
+// only moves forward (NEW, then FINISHED or CANCELLED for good), so a late answer describing an
+// earlier state is ignored.
 function upsertOrder(order) {
+  if (!order || typeof order.id !== "string" || order.user_id !== state.user) return false;
   const known = state.orders.get(order.id);
-  if (known && Date.parse(known.updated_at) > Date.parse(order.updated_at)) return false;
+  if (known && FINAL.has(known.status) && !FINAL.has(order.status)) return false;
   state.orders.set(order.id, order);
   return !known || known.status !== order.status;
 }
 
-function setLive(text, kind) {
+function setLive(text, kind, title) {
   const badge = $("live-status");
   badge.textContent = text;
   badge.className = `badge text-bg-${kind}`;
+  badge.title = title;
 }
 
 // ---- Loading ---------------------------------------------------------------------------------
 
 async function loadBalance() {
+  const session = state.session;
+  const ticket = ++state.balanceTicket;
+  let account;
   try {
-    showBalance(await api("GET", "/api/payments/balance", { user_id: state.user }));
+    account = await api("GET", "api/payments/balance", { user_id: state.user });
   } catch (error) {
-    if (error.code === "account_not_found") showBalance(null);
-    else explain(error, "Could not load the balance");
+    if (session !== state.session) return;
+    if (error.code !== "account_not_found") {
+      explain(error, "Could not load the balance", "balance");
+      $("account-loading").textContent = "The balance is unavailable right now.";
+      return;
+    }
+    account = null;
+  }
+  if (session !== state.session) return;
+  resolved("balance");
+  applyBalance(account, ticket);
+}
+
+function applyBalance(account, ticket) {
+  if (ticket < state.balanceShown) return; // a later-asked answer is on screen already
+  state.balanceShown = ticket;
+  showBalance(account);
+}
+
+// Events can come in bursts: one balance request at a time, and one more after it if asked meanwhile.
+async function refreshBalance() {
+  if (state.balanceLoading) {
+    state.balanceAgain = true;
+    return;
+  }
+  state.balanceLoading = true;
+  try {
+    do {
+      state.balanceAgain = false;
+      await loadBalance();
+    } while (state.balanceAgain);
+  } finally {
+    state.balanceLoading = false;
   }
 }
 
 async function loadOrders() {
+  const session = state.session;
+  let body;
   try {
-    const body = await api("GET", "/api/orders/orders", { user_id: state.user });
-    let settled = false;
-    for (const order of body.orders) settled = upsertOrder(order) || settled;
-    renderOrders();
-    if (settled) await loadBalance();
+    body = await api("GET", "api/orders/orders", { user_id: state.user });
   } catch (error) {
-    explain(error, "Could not load your orders");
+    if (session === state.session) explain(error, "Could not load your orders", "orders");
+    return;
   }
+  if (session !== state.session) return;
+  resolved("orders");
+  let changed = false;
+  for (const order of (body && body.orders) || []) changed = upsertOrder(order) || changed;
+  renderOrders();
+  if (changed) refreshBalance();
 }
 
 // ---- Live updates: Server-Sent Events, polling while the stream is down ----------------------
@@ -181,31 +317,36 @@ function stopPolling() {
 
 function openStream() {
   closeStream();
-  const stream = new EventSource(`/api/orders/events?user_id=${encodeURIComponent(state.user)}`);
+  const stream = new EventSource(`api/orders/events?user_id=${encodeURIComponent(state.user)}`);
   state.stream = stream;
   stream.onopen = () => {
-    setLive("live", "success");
+    if (state.stream !== stream) return;
+    setLive("live", "success", "Status changes are pushed to this page as they happen.");
     stopPolling();
     loadOrders(); // catch up on whatever changed while the stream was down
   };
   stream.onmessage = (event) => {
+    if (state.stream !== stream) return;
     let order;
     try {
       order = JSON.parse(event.data);
     } catch (e) {
       return;
     }
-    if (order.user_id !== state.user) return;
-    const changed = upsertOrder(order);
+    upsertOrder(order);
     renderOrders();
-    if (changed && order.status !== "NEW") loadBalance();
+    refreshBalance();
   };
   stream.onerror = () => {
-    setLive("polling", "warning");
+    if (state.stream !== stream) return;
+    setLive("polling", "warning", `The live stream is down: checking every ${POLL_MS / 1000} s until it is back.`);
     startPolling();
-    // The browser reconnects by itself unless the stream was closed for good.
-    if (stream.readyState === EventSource.CLOSED) {
-      setTimeout(() => { if (state.stream === stream) openStream(); }, POLL_MS);
+    // The browser retries by itself after a dropped connection, but not after a refused one.
+    if (stream.readyState === EventSource.CLOSED && state.reopenTimer === null) {
+      state.reopenTimer = setTimeout(() => {
+        state.reopenTimer = null;
+        if (state.stream === stream) openStream();
+      }, POLL_MS);
     }
   };
 }
@@ -213,36 +354,43 @@ function openStream() {
 function closeStream() {
   if (state.stream) state.stream.close();
   state.stream = null;
+  if (state.reopenTimer !== null) clearTimeout(state.reopenTimer);
+  state.reopenTimer = null;
   stopPolling();
 }
 
 // ---- Actions ---------------------------------------------------------------------------------
 
-function login(user) {
+function resetSession(user) {
+  closeStream();
+  state.session++;
   state.user = user;
   state.orders.clear();
-  localStorage.setItem(USER_KEY, user);
+  state.rows.clear();
+  state.retryKeys.clear();
+  state.balanceShown = state.balanceTicket;
   clearAlerts();
+}
+
+function login(user) {
+  resetSession(user);
+  localStorage.setItem(USER_KEY, user);
   showApp();
+  $("account-loading").textContent = "Loading…";
+  showBalance(undefined);
   renderOrders();
-  setLive("connecting…", "secondary");
-  loadBalance();
+  setLive("connecting…", "secondary", "Connecting to the live stream.");
+  refreshBalance();
   loadOrders();
   openStream();
 }
 
 function logout() {
-  closeStream();
-  state.user = null;
-  state.orders.clear();
+  const user = state.user;
+  resetSession(null);
   localStorage.removeItem(USER_KEY);
-  clearAlerts();
+  $("login-user").value = user || "";
   showLogin();
-}
-
-// Whatever was typed goes to the server, which has the last word and says what is wrong.
-function readAmount(input) {
-  return input.value.trim();
 }
 
 async function busy(button, work) {
@@ -256,55 +404,87 @@ async function busy(button, work) {
 
 $("login-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  const user = $("login-user").value.trim();
+  const input = $("login-user");
+  const user = input.value.trim();
   if (!USER_ID.test(user)) {
-    $("login-user").classList.add("is-invalid");
-    $("login-error").textContent = "A user id is 1–64 letters, digits, “-”, “_” or “.”.";
+    input.classList.add("is-invalid");
+    $("login-error").textContent = whyNotUserId(user);
+    input.focus();
     return;
   }
-  $("login-user").classList.remove("is-invalid");
+  input.classList.remove("is-invalid");
   login(user);
 });
+
+// Says what is wrong with a user id the server would refuse (the rules of README.md).
+function whyNotUserId(user) {
+  if (!user) return "Enter a user id.";
+  const chars = [...user];
+  if (chars.length > 64) return `A user id has at most 64 characters; this one has ${chars.length}.`;
+  const bad = [...new Set(chars.filter((c) => !/[A-Za-z0-9._-]/.test(c)))]
+    .map((c) => (c === " " ? "spaces" : `“${c}”`));
+  return `A user id has only Latin letters, digits, “-”, “_” and “.”; not ${bad.join(", ")}.`;
+}
+
+$("login-user").addEventListener("input", () => $("login-user").classList.remove("is-invalid"));
 
 $("logout").addEventListener("click", logout);
 
 $("create-account").addEventListener("click", () => busy($("create-account"), async () => {
+  const session = state.session;
+  const ticket = ++state.balanceTicket;
   try {
-    showBalance(await api("POST", "/api/payments/create_account", { user_id: state.user }));
+    const account = await post("create_account", "api/payments/create_account", { user_id: state.user });
+    if (session !== state.session) return;
+    applyBalance(account, ticket);
     notify("Account created.", "success");
   } catch (error) {
-    explain(error, "Could not create the account");
-    await loadBalance();
+    if (session !== state.session) return;
+    explain(error, ["Account not created", "Could not create the account"], "create_account");
+    refreshBalance();
   }
 }));
 
 $("topup-form").addEventListener("submit", (event) => {
   event.preventDefault();
   busy($("topup-submit"), async () => {
+    const session = state.session;
+    const ticket = ++state.balanceTicket;
+    const amount = $("topup-amount").value.trim(); // the server has the last word on amounts
     try {
-      const account = await api("POST", "/api/payments/add_funds", {
-        user_id: state.user, amount: readAmount($("topup-amount")),
-      });
-      showBalance(account);
+      const account = await post("add_funds", "api/payments/add_funds", { user_id: state.user, amount });
+      if (session !== state.session) return;
+      applyBalance(account, ticket);
       $("topup-amount").value = "";
+      notify(`Added ${money(amountOf(amount))}.`, "success");
     } catch (error) {
-      explain(error, "Top-up refused");
+      if (session !== state.session) return;
+      explain(error, ["Top-up refused", "Could not top up"], "add_funds");
+      if (error.code === "account_not_found") refreshBalance();
     }
   });
 });
 
+// "100" -> "100.00", for the notice after a successful top-up (the server accepted it as it is).
+function amountOf(text) {
+  const [whole, fraction = ""] = text.split(".");
+  return `${whole.replace(/^0+(?=\d)/, "")}.${fraction.padEnd(2, "0")}`;
+}
+
 $("order-form").addEventListener("submit", (event) => {
   event.preventDefault();
   busy($("order-submit"), async () => {
+    const session = state.session;
+    const amount = $("order-amount").value.trim();
     try {
-      const order = await api("POST", "/api/orders/create_order", {
-        user_id: state.user, amount: readAmount($("order-amount")),
-      });
+      const order = await post("create_order", "api/orders/create_order", { user_id: state.user, amount });
+      if (session !== state.session) return;
       upsertOrder(order);
       renderOrders();
       $("order-amount").value = "";
     } catch (error) {
-      explain(error, "Order refused");
+      if (session !== state.session) return;
+      explain(error, ["Order refused", "Could not place the order"], "create_order");
     }
   });
 });
