@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use gozon::app::Application;
-use gozon::cli::{Cli, Command, Role};
+use gozon::app::cli::{Cli, Command, Role};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -1,17 +1,12 @@
-//! The messages Orders and Payments exchange: the only thing the two contexts share.
-//!
-//! Each type name carries a version; a change that old consumers cannot read gets a new type.
+//! The messages Orders and Payments exchange, besides the kernel's value types the only thing
+//! the two contexts share. Each type name carries a version (see [`Message`]).
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::money::Money;
-use crate::user_id::UserId;
-
-/// A message type and its AMQP routing key are the same string.
-pub trait Contract: Serialize + for<'de> Deserialize<'de> {
-    const TYPE: &'static str;
-}
+use crate::kernel::money::Money;
+use crate::kernel::user_id::UserId;
+use crate::messaging::envelope::Message;
 
 /// Orders asks Payments to debit the user's account for an order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,7 +16,7 @@ pub struct PaymentRequestedV1 {
     pub amount: Money,
 }
 
-impl Contract for PaymentRequestedV1 {
+impl Message for PaymentRequestedV1 {
     const TYPE: &'static str = "payment.requested.v1";
 }
 
@@ -33,7 +28,7 @@ pub struct PaymentSucceededV1 {
     pub amount: Money,
 }
 
-impl Contract for PaymentSucceededV1 {
+impl Message for PaymentSucceededV1 {
     const TYPE: &'static str = "payment.succeeded.v1";
 }
 
@@ -46,7 +41,7 @@ pub struct PaymentFailedV1 {
     pub reason: PaymentFailureReason,
 }
 
-impl Contract for PaymentFailedV1 {
+impl Message for PaymentFailedV1 {
     const TYPE: &'static str = "payment.failed.v1";
 }
 

@@ -1,8 +1,13 @@
-//! The database connection: created when missing, pooled, migrated per context.
+//! The PostgreSQL connection pool (the database created when missing), and the one answer to
+//! "is this error the database being unreachable?" that HTTP (503) and consumers (hold and
+//! retry) share.
 
 use std::time::Duration;
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
+use sea_orm::sqlx;
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, RuntimeErr};
+
+use crate::ops::telemetry::mask_password;
 
 /// Connects to `url`, first creating its database through the server's `postgres` database
 /// when it does not exist yet.
@@ -27,12 +32,8 @@ pub async fn connect_existing(
 }
 
 async fn ensure_database_exists(url: &str) -> Result<(), DbErr> {
-    let (server, name) = split_database_name(url).ok_or_else(|| {
-        DbErr::Custom(format!(
-            "no database name in {}",
-            crate::config::mask_password(url)
-        ))
-    })?;
+    let (server, name) = split_database_name(url)
+        .ok_or_else(|| DbErr::Custom(format!("no database name in {}", mask_password(url))))?;
     if !name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
@@ -56,35 +57,59 @@ async fn ensure_database_exists(url: &str) -> Result<(), DbErr> {
         .await?
         .is_some();
     if !exists {
-        // Another instance may win the race: "already exists" (42P04) is success too.
+        // Another instance may win the race: duplicate_database is success too.
         match admin
             .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
             .await
         {
             Ok(_) => tracing::info!(database = name, "created the database"),
-            Err(error) if error.to_string().contains("already exists") => {}
+            Err(error) if sqlstate(&error).as_deref() == Some(DUPLICATE_DATABASE) => {}
             Err(error) => return Err(error),
         }
     }
     admin.close().await
 }
 
-/// Whether `error` means the database cannot be reached right now (as opposed to a query
-/// that failed): connection refused or lost, pool exhausted, database not accepting connections.
+const DUPLICATE_DATABASE: &str = "42P04";
+
+/// Whether `error` means the database cannot be reached right now, as opposed to a statement
+/// that failed: no connection to be had (refused, pool exhausted or closed), a connection lost
+/// mid-statement (I/O, TLS or protocol failure), or the server saying so by SQLSTATE — class 08
+/// (connection exception), 57P01-57P03 (shutting down, crashed, not accepting connections yet)
+/// or 53300 (too many connections).
 pub fn is_unavailable(error: &DbErr) -> bool {
-    if matches!(error, DbErr::ConnectionAcquire(_) | DbErr::Conn(_)) {
-        return true;
+    match error {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(error)) | DbErr::Query(RuntimeErr::SqlxError(error)) => {
+            match error.as_ref() {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+                    code.starts_with("08")
+                        || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+                }),
+                _ => false,
+            }
+        }
+        _ => false,
     }
-    let text = error.to_string().to_ascii_lowercase();
-    [
-        "connection",
-        "communicating with database",
-        "pool timed out",
-        "io error",
-        "broken pipe",
-    ]
-    .iter()
-    .any(|needle| text.contains(needle))
+}
+
+/// The SQLSTATE of a statement the server refused, if that is what `error` is.
+fn sqlstate(error: &DbErr) -> Option<String> {
+    match error {
+        DbErr::Exec(RuntimeErr::SqlxError(error)) | DbErr::Query(RuntimeErr::SqlxError(error)) => {
+            match error.as_ref() {
+                sqlx::Error::Database(error) => error.code().map(|code| code.into_owned()),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
 }
 
 /// `postgres://u@h:5432/gozon?x=y` -> (`postgres://u@h:5432`, `gozon`).

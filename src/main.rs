@@ -1,10 +1,11 @@
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::Parser;
-use gozon::app::{self, Application};
-use gozon::cli::{Cli, Command};
-use gozon::config::LogFormat;
-use gozon::{audit, http, telemetry};
-use std::time::Duration;
+use gozon::app::cli::{Cli, Command};
+use gozon::app::{self, Application, routes};
+use gozon::ops::audit::AuditSettings;
+use gozon::ops::telemetry::{self, LogFormat};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -30,29 +31,20 @@ async fn main() -> anyhow::Result<()> {
             stuck_after_secs,
             outbox_stale_after_secs,
         } => {
-            let db = gozon::db::connect_existing(&database_url, 2).await?;
-            let settings = audit::AuditSettings {
+            let settings = AuditSettings {
                 stuck_after: Duration::from_secs(stuck_after_secs),
                 outbox_stale_after: Duration::from_secs(outbox_stale_after_secs),
             };
-            let report = audit::audit(&db, &settings).await?;
-            println!("{report}");
-            if !report.passed() {
-                anyhow::bail!("broken invariants: {}", report.failed_checks().join("; "));
-            }
-            Ok(())
+            app::audit(&database_url, &settings).await
         }
         Command::Dlq { action } => app::dead_letters(action).await,
-        Command::Openapi { output } => {
-            let yaml = http::openapi_yaml();
-            match output {
-                Some(path) => std::fs::write(&path, yaml)
-                    .with_context(|| format!("writing {}", path.display())),
-                None => {
-                    print!("{yaml}");
-                    Ok(())
-                }
+        Command::Openapi { output } => match output {
+            Some(path) => std::fs::write(&path, routes::openapi_yaml())
+                .with_context(|| format!("writing {}", path.display())),
+            None => {
+                print!("{}", routes::openapi_yaml());
+                Ok(())
             }
-        }
+        },
     }
 }

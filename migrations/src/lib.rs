@@ -3,6 +3,7 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
 
+pub mod messaging_tables;
 pub mod orders;
 pub mod payments;
 
@@ -16,7 +17,7 @@ pub enum Context {
 }
 
 impl Context {
-    pub fn schema(self) -> &'static str {
+    pub const fn schema(self) -> &'static str {
         match self {
             Context::Orders => "orders",
             Context::Payments => "payments",

@@ -1,8 +1,9 @@
-//! AMQP connections: the broker's topology, opening a channel on it, and the backoff with which
-//! every relay and consumer reconnects after losing the broker.
+//! AMQP connections: the broker's topology, opening a channel on it, and reconnecting with
+//! backoff after losing the broker.
 //!
-//! lapin's own auto-recovery is left off on purpose: each task owns one connection and, on any
-//! error, drops it and builds everything again (see `supervise`).
+//! lapin's own auto-recovery is left off on purpose: each relay and consumer owns one
+//! connection and, on any error, drops it and builds everything again through
+//! [`connect_until_ready`].
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -10,16 +11,18 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::messaging::signing::MessageKey;
-use crate::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
+
+use crate::kernel::backoff;
+use crate::messaging::signing::MessageKey;
+use crate::ops::metrics::Metrics;
 
 /// A queue some consumer reads, and the message types routed to it.
 #[derive(Clone, Copy, Debug)]
@@ -269,16 +272,7 @@ impl Broker {
     }
 }
 
-/// Jittered exponential backoff for reconnecting: 100 ms doubling up to 5 s, forever.
-pub fn reconnect_backoff() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-}
-
-/// Opens a channel, retrying with [`reconnect_backoff`] until it works or `shutdown` fires.
+/// Opens a channel, retrying with the shared [`backoff::policy`] until it works or `shutdown` fires.
 /// Marks the task's link down meanwhile; the caller marks it up once it is really working.
 /// The first failure is logged as a warning, later ones at debug, so an outage is one line.
 pub async fn connect_until_ready(
@@ -291,7 +285,7 @@ pub async fn connect_until_ready(
     let failures = AtomicU32::new(0);
     let attempt = || broker.open_channel(name, confirms);
     let retrying = attempt
-        .retry(reconnect_backoff())
+        .retry(backoff::policy())
         .sleep(tokio::time::sleep)
         .notify(|error, delay| {
             if failures.fetch_add(1, Ordering::Relaxed) == 0 {

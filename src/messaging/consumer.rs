@@ -1,9 +1,8 @@
-//! The consumer loop shared by both contexts: deliveries in, one handler call each, and an ack
-//! only after the handler's transaction committed.
+//! The idempotent consumer both contexts use. Per delivery: check its signature, decode it into
+//! the handler's typed message, then in one transaction record its id in the context's inbox and
+//! let the handler apply it; commit, and only then ack. A handler says only what a message does.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -11,14 +10,18 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
+use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use uuid::Uuid;
 
+use crate::kernel::backoff::Delays;
 use crate::messaging::amqp::{AmqpError, Broker, QueueSpec, connect_until_ready};
 use crate::messaging::envelope::Envelope;
-use crate::messaging::signing::{self, MessageKey};
+use crate::messaging::inbox;
+use crate::messaging::signing;
 
-/// Why a handler did not apply a message.
+/// Why a message was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
     /// The message can never be applied (unknown type, bad payload, unknown order):
@@ -35,6 +38,12 @@ pub enum HandleError {
     Unavailable(String),
 }
 
+impl HandleError {
+    pub fn poison(reason: impl std::fmt::Display) -> HandleError {
+        HandleError::Poison(reason.to_string())
+    }
+}
+
 impl From<sea_orm::DbErr> for HandleError {
     fn from(error: sea_orm::DbErr) -> Self {
         if crate::db::is_unavailable(&error) {
@@ -45,21 +54,45 @@ impl From<sea_orm::DbErr> for HandleError {
     }
 }
 
-/// What a handler did with a message.
+/// What became of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handled {
+enum Handled {
     Applied,
     /// Its id was already in the inbox: nothing done again.
     Duplicate,
 }
 
-/// What a context does with one message. Must be idempotent: it records the message id in its
-/// inbox in the same transaction as its effect.
+/// A decoded message and what came with it.
+#[derive(Debug)]
+pub struct Incoming<M> {
+    pub message: M,
+    pub message_id: Uuid,
+    pub correlation_id: String,
+}
+
+/// What a context does with the messages of one queue.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(
+    /// The messages this handler understands, decoded (cloned for each attempt).
+    type Message: Clone + Send + Sync;
+    /// What `apply` hands to `committed`.
+    type Applied: Send;
+
+    /// The envelope's payload as one of this handler's messages; a type or payload it cannot
+    /// read is [`HandleError::Poison`].
+    fn decode(&self, envelope: &Envelope) -> Result<Self::Message, HandleError>;
+
+    /// Applies `incoming` inside `txn`, which already holds its inbox record. An error rolls
+    /// back both.
+    fn apply(
         &self,
-        envelope: Envelope,
-    ) -> impl Future<Output = Result<Handled, HandleError>> + Send;
+        txn: &DatabaseTransaction,
+        incoming: Incoming<Self::Message>,
+    ) -> impl Future<Output = Result<Self::Applied, HandleError>> + Send;
+
+    /// Runs once the transaction of `apply` has committed (wake a relay, count, log).
+    fn committed(&self, applied: Self::Applied) {
+        let _ = applied;
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -67,188 +100,228 @@ pub struct ConsumerSettings {
     pub prefetch: u16,
 }
 
-/// Consumes `queue` until `shutdown`, reconnecting with backoff whenever the broker goes away.
-pub async fn run<H: Handler>(
-    broker: Broker,
-    queue: QueueSpec,
-    handler: Arc<H>,
-    settings: ConsumerSettings,
-    shutdown: CancellationToken,
-) {
-    let queue_name = broker.queue_name(&queue);
-    let task = format!("consumer {queue_name}");
-    while let Some((connection, channel)) =
-        connect_until_ready(&broker, &task, false, &shutdown).await
-    {
-        match consume(
-            &broker,
-            &channel,
-            &queue_name,
-            &task,
-            handler.as_ref(),
-            &settings,
-            &shutdown,
-        )
-        .await
-        {
-            Ok(()) => {
-                // Shutdown: stop taking deliveries; unacked ones go back to the queue on close.
-                let _ = broker
-                    .timed(channel.close(200, "shutting down".into()))
-                    .await;
-                let _ = broker
-                    .timed(connection.close(200, "shutting down".into()))
-                    .await;
-                break;
-            }
-            Err(error) => {
-                tracing::warn!(task = %task, %error, "consumer lost the broker; reconnecting");
-                let _ = broker
-                    .timed(connection.close(200, "reconnecting".into()))
-                    .await;
-            }
-        }
-    }
-    tracing::info!(task = %task, "consumer stopped");
+/// One queue's consumer: its deliveries applied by `handler`, deduplicated through the inbox
+/// of `schema` under the queue's name.
+pub struct Consumer<H> {
+    pub broker: Broker,
+    pub queue: QueueSpec,
+    pub db: DatabaseConnection,
+    pub schema: &'static str,
+    pub handler: H,
+    pub settings: ConsumerSettings,
 }
 
-async fn consume<H: Handler>(
-    broker: &Broker,
-    channel: &lapin::Channel,
-    queue_name: &str,
-    task: &str,
-    handler: &H,
-    settings: &ConsumerSettings,
-    shutdown: &CancellationToken,
-) -> Result<(), AmqpError> {
-    broker
-        .timed(channel.basic_qos(settings.prefetch, BasicQosOptions::default()))
-        .await?;
-    let mut deliveries = broker
-        .timed(channel.basic_consume(
-            queue_name.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ))
-        .await?;
-    broker.links().set(task, true);
-    let mut transient_failures = 0u32;
-    loop {
-        let delivery = tokio::select! {
-            next = deliveries.next() => next,
-            _ = shutdown.cancelled() => return Ok(()),
-        };
-        let delivery = match delivery {
-            Some(Ok(delivery)) => delivery,
-            Some(Err(error)) => return Err(error.into()),
-            None => return Err(AmqpError::ConsumerCancelled),
-        };
-        let key = &broker.settings().message_key;
-        let outcome =
-            handle_holding_through_outages(handler, key, &delivery, queue_name, shutdown).await;
-        let metrics = broker.metrics();
-        match outcome {
+impl<H: Handler> Consumer<H> {
+    /// Consumes until `shutdown`, reconnecting with backoff whenever the broker goes away.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let queue_name = self.broker.queue_name(&self.queue);
+        let task = format!("consumer {queue_name}");
+        while let Some((connection, channel)) =
+            connect_until_ready(&self.broker, &task, false, &shutdown).await
+        {
+            let result = self.consume(&channel, &queue_name, &task, &shutdown).await;
+            let reason = if result.is_ok() {
+                "shutting down"
+            } else {
+                "reconnecting"
+            };
+            if let Err(error) = &result {
+                tracing::warn!(task = %task, %error, "consumer lost the broker; reconnecting");
+            }
+            // Unacked deliveries go back to the queue when the channel closes.
+            let _ = self.broker.timed(channel.close(200, reason.into())).await;
+            let _ = self
+                .broker
+                .timed(connection.close(200, reason.into()))
+                .await;
+            if result.is_ok() {
+                break;
+            }
+        }
+        tracing::info!(task = %task, "consumer stopped");
+    }
+
+    async fn consume(
+        &self,
+        channel: &lapin::Channel,
+        queue_name: &str,
+        task: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(), AmqpError> {
+        let broker = &self.broker;
+        broker
+            .timed(channel.basic_qos(self.settings.prefetch, BasicQosOptions::default()))
+            .await?;
+        let mut deliveries = broker
+            .timed(channel.basic_consume(
+                queue_name.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ))
+            .await?;
+        broker.links().set(task, true);
+        let mut requeue_delays = Delays::new();
+        loop {
+            let delivery = tokio::select! {
+                next = deliveries.next() => next,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let delivery = match delivery {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(error)) => return Err(error.into()),
+                None => return Err(AmqpError::ConsumerCancelled),
+            };
+            let outcome = self
+                .handle_holding_through_outages(&delivery, shutdown)
+                .await;
+            if outcome.is_ok() {
+                requeue_delays = Delays::new();
+            }
+            self.settle(
+                &delivery,
+                outcome,
+                queue_name,
+                &mut requeue_delays,
+                shutdown,
+            )
+            .await?;
+        }
+    }
+
+    /// Acks, dead-letters or requeues `delivery` according to `outcome`.
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        outcome: Result<Handled, HandleError>,
+        queue_name: &str,
+        requeue_delays: &mut Delays,
+        shutdown: &CancellationToken,
+    ) -> Result<(), AmqpError> {
+        let (broker, metrics) = (&self.broker, self.broker.metrics());
+        let settled = match outcome {
             Ok(handled) => {
-                metrics.consumed(
-                    queue_name,
-                    if handled == Handled::Applied {
-                        "applied"
-                    } else {
-                        "duplicate"
-                    },
-                );
-                transient_failures = 0;
+                let label = match handled {
+                    Handled::Applied => "applied",
+                    Handled::Duplicate => "duplicate",
+                };
+                metrics.consumed(queue_name, label);
                 broker
                     .timed(delivery.acker.ack(BasicAckOptions::default()))
-                    .await?;
+                    .await
             }
             Err(HandleError::Poison(reason)) => {
                 metrics.consumed(queue_name, "dead_lettered");
                 tracing::error!(queue = queue_name, %reason, "dead-lettering a message that can never be applied");
                 broker
                     .timed(delivery.acker.reject(BasicRejectOptions { requeue: false }))
-                    .await?;
+                    .await
             }
             Err(HandleError::Transient(reason) | HandleError::Unavailable(reason)) => {
                 metrics.consumed(queue_name, "requeued");
-                // Pause before handing it back, so an outage does not burn through the
-                // delivery limit in a tight loop.
-                transient_failures += 1;
-                let pause = Duration::from_millis(100 * u64::from(transient_failures.min(50)));
+                // Pause before handing it back, so a failure that persists does not burn
+                // through the delivery limit in a tight loop.
+                let pause = requeue_delays.next_delay();
                 tracing::warn!(queue = queue_name, %reason, retry_in = ?pause, "message handling failed; requeueing");
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = shutdown.cancelled() => {}
                 }
-                broker
-                    .timed(delivery.acker.nack(BasicNackOptions {
-                        requeue: true,
-                        multiple: false,
-                    }))
-                    .await?;
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                };
+                broker.timed(delivery.acker.nack(requeue)).await
             }
-        }
-    }
-}
-
-/// Handles `delivery`; while the database is unreachable, keeps the message and tries again
-/// with a growing pause, until it is applied, fails for another reason, or shutdown begins.
-async fn handle_holding_through_outages<H: Handler>(
-    handler: &H,
-    key: &MessageKey,
-    delivery: &Delivery,
-    queue_name: &str,
-    shutdown: &CancellationToken,
-) -> Result<Handled, HandleError> {
-    let mut attempts = 0u32;
-    loop {
-        let outcome = handle_delivery(handler, key, delivery).await;
-        let Err(HandleError::Unavailable(reason)) = &outcome else {
-            if attempts > 0 && outcome.is_ok() {
-                tracing::info!(queue = queue_name, "database back; message applied");
-            }
-            return outcome;
         };
-        attempts += 1;
-        if attempts == 1 {
-            tracing::warn!(queue = queue_name, %reason, "database unavailable; holding the message and retrying");
-        }
-        let pause = Duration::from_millis(100 * u64::from(attempts.min(50)));
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = shutdown.cancelled() => return outcome,
-        }
+        settled.map(|_| ())
     }
-}
 
-async fn handle_delivery<H: Handler>(
-    handler: &H,
-    key: &MessageKey,
-    delivery: &Delivery,
-) -> Result<Handled, HandleError> {
-    let signature = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|headers| headers.inner().get(signing::HEADER))
-        .and_then(|value| match value {
-            AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok(),
-            _ => None,
-        });
-    if !signature.is_some_and(|signature| key.verify(&delivery.data, signature)) {
-        return Err(HandleError::Poison(
-            "unsigned or forged message (bad x-gozon-signature)".to_owned(),
-        ));
+    /// Handles `delivery`; while the database is unreachable, keeps the message and tries again
+    /// with backoff, until it is applied, fails for another reason, or shutdown begins.
+    async fn handle_holding_through_outages(
+        &self,
+        delivery: &Delivery,
+        shutdown: &CancellationToken,
+    ) -> Result<Handled, HandleError> {
+        let (envelope, message) = self.open(delivery)?;
+        let span = tracing::info_span!(
+            "message",
+            message_id = %envelope.message_id,
+            message_type = %envelope.message_type,
+            correlation_id = %envelope.correlation_id,
+            redelivered = delivery.redelivered,
+        );
+        let mut delays = Delays::new();
+        let mut held = false;
+        loop {
+            let outcome = self
+                .apply_once(&envelope, &message)
+                .instrument(span.clone())
+                .await;
+            let Err(HandleError::Unavailable(reason)) = &outcome else {
+                if held && outcome.is_ok() {
+                    tracing::info!(parent: &span, "database back; message applied");
+                }
+                return outcome;
+            };
+            if !held {
+                tracing::warn!(parent: &span, %reason, "database unavailable; holding the message and retrying");
+                held = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delays.next_delay()) => {}
+                _ = shutdown.cancelled() => return outcome,
+            }
+        }
     }
-    let envelope = Envelope::from_bytes(&delivery.data)
-        .map_err(|error| HandleError::Poison(error.to_string()))?;
-    let span = tracing::info_span!(
-        "message",
-        message_id = %envelope.message_id,
-        message_type = %envelope.message_type,
-        correlation_id = %envelope.correlation_id,
-        redelivered = delivery.redelivered,
-    );
-    handler.handle(envelope).instrument(span).await
+
+    /// Checks the signature and decodes the envelope and its payload.
+    fn open(&self, delivery: &Delivery) -> Result<(Envelope, H::Message), HandleError> {
+        let signature = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| headers.inner().get(signing::HEADER))
+            .and_then(|value| match value {
+                AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok(),
+                _ => None,
+            });
+        let key = &self.broker.settings().message_key;
+        if !signature.is_some_and(|signature| key.verify(&delivery.data, signature)) {
+            return Err(HandleError::poison(
+                "unsigned or forged message (bad x-gozon-signature)",
+            ));
+        }
+        let envelope = Envelope::from_bytes(&delivery.data).map_err(HandleError::poison)?;
+        let message = self.handler.decode(&envelope)?;
+        Ok((envelope, message))
+    }
+
+    /// One attempt: inbox record and effect in one transaction.
+    async fn apply_once(
+        &self,
+        envelope: &Envelope,
+        message: &H::Message,
+    ) -> Result<Handled, HandleError> {
+        let txn = self.db.begin().await?;
+        let first =
+            inbox::record_first_delivery(&txn, self.schema, self.queue.suffix, envelope.message_id)
+                .await?;
+        if !first {
+            txn.commit().await?;
+            tracing::info!("duplicate message ignored");
+            return Ok(Handled::Duplicate);
+        }
+        let incoming = Incoming {
+            message: message.clone(),
+            message_id: envelope.message_id,
+            correlation_id: envelope.correlation_id.clone(),
+        };
+        // On error the transaction is dropped: the inbox record rolls back with the effect.
+        let applied = self.handler.apply(&txn, incoming).await?;
+        txn.commit().await?;
+        self.handler.committed(applied);
+        Ok(Handled::Applied)
+    }
 }

@@ -1,10 +1,15 @@
-//! The envelope every message travels in: id, type, correlation id, and the contract's payload.
+//! What travels between contexts: a [`Message`] (a versioned contract), inside the envelope
+//! that carries its id, type and correlation id.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::contracts::Contract;
+/// A message one context sends another. Its type name, versioned (`payment.requested.v1`), is
+/// also its AMQP routing key; a change old consumers cannot read gets a new type.
+pub trait Message: Serialize + for<'de> Deserialize<'de> {
+    const TYPE: &'static str;
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -28,7 +33,7 @@ pub enum EnvelopeError {
 }
 
 impl Envelope {
-    pub fn new<C: Contract>(
+    pub fn new<C: Message>(
         message: &C,
         correlation_id: &str,
     ) -> Result<Envelope, serde_json::Error> {
@@ -46,7 +51,7 @@ impl Envelope {
     }
 
     /// The payload as the contract `C`, for a consumer that has matched on the type.
-    pub fn payload_as<C: Contract>(&self) -> Result<C, EnvelopeError> {
+    pub fn payload_as<C: Message>(&self) -> Result<C, EnvelopeError> {
         serde_json::from_value(self.payload.clone()).map_err(|source| EnvelopeError::BadPayload {
             message_type: self.message_type.clone(),
             source,

@@ -16,13 +16,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::contracts::Contract;
+use crate::kernel::backoff::Delays;
 use crate::messaging::amqp::{AmqpError, Broker, connect_until_ready};
-use crate::messaging::envelope::Envelope;
+use crate::messaging::envelope::{Envelope, Message};
 use crate::messaging::signing;
 
 /// Writes `message` to `<schema>.outbox` inside the caller's transaction.
-pub async fn enqueue<C: Contract>(
+pub async fn enqueue<C: Message>(
     conn: &impl ConnectionTrait,
     schema: &str,
     message: &C,
@@ -106,7 +106,7 @@ impl Relay {
     /// Claims up to one batch of unsent rows, publishes them as persistent messages, waits for
     /// every confirm, and marks them sent in the same transaction that held the claim. Returns
     /// how many rows it sent; on any error the transaction rolls back and the rows stay unsent.
-    pub async fn relay_once(&self, channel: &Channel) -> Result<usize, RelayError> {
+    async fn relay_batch(&self, channel: &Channel) -> Result<usize, RelayError> {
         let schema = self.schema;
         let txn = self.db.begin().await?;
         // SKIP LOCKED: a row another relay has claimed is skipped, not waited for and not
@@ -125,29 +125,32 @@ impl Relay {
             txn.commit().await?;
             return Ok(0);
         }
+        self.publish_confirmed(channel, &rows).await?;
+        let sent: Vec<i64> = rows.iter().map(|row| row.seq).collect();
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("UPDATE {schema}.outbox SET sent_at = clock_timestamp() WHERE seq = ANY($1)"),
+            [sent.into()],
+        ))
+        .await?;
+        txn.commit().await?;
+        self.broker.metrics().published(schema, rows.len());
+        tracing::debug!(schema, sent = rows.len(), "outbox batch published");
+        Ok(rows.len())
+    }
 
+    /// Publishes every row with its confirm in flight, then waits for all the confirms.
+    async fn publish_confirmed(
+        &self,
+        channel: &Channel,
+        rows: &[PendingRow],
+    ) -> Result<(), RelayError> {
         let exchange = self.broker.events_exchange();
         let mut confirms = Vec::with_capacity(rows.len());
-        for row in &rows {
+        for row in rows {
             let payload = serde_json::to_vec(&row.body)
                 .map_err(|e| DbErr::Custom(format!("outbox body: {e}")))?;
-            let mut headers = FieldTable::default();
-            headers.insert(
-                "correlation_id".into(),
-                AMQPValue::LongString(row.correlation_id.as_str().into()),
-            );
-            let signature = self.broker.settings().message_key.sign(&payload);
-            headers.insert(
-                signing::HEADER.into(),
-                AMQPValue::LongString(signature.into()),
-            );
-            let properties = BasicProperties::default()
-                .with_message_id(row.message_id.to_string().into())
-                .with_type(row.message_type.as_str().into())
-                .with_correlation_id(row.correlation_id.as_str().into())
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2)
-                .with_headers(headers);
+            let properties = self.properties(row, &payload);
             // mandatory: a message no queue would take comes back, and is not marked sent.
             let confirm = self
                 .broker
@@ -170,38 +173,47 @@ impl Relay {
                 return Err(RelayError::Refused(message_id));
             }
         }
+        Ok(())
+    }
 
-        let sent: Vec<i64> = rows.iter().map(|row| row.seq).collect();
-        txn.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!("UPDATE {schema}.outbox SET sent_at = clock_timestamp() WHERE seq = ANY($1)"),
-            [sent.into()],
-        ))
-        .await?;
-        txn.commit().await?;
-        self.broker.metrics().published(schema, rows.len());
-        tracing::debug!(schema, sent = rows.len(), "outbox batch published");
-        Ok(rows.len())
+    /// Persistent, identified, correlated and signed.
+    fn properties(&self, row: &PendingRow, payload: &[u8]) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "correlation_id".into(),
+            AMQPValue::LongString(row.correlation_id.as_str().into()),
+        );
+        let signature = self.broker.settings().message_key.sign(payload);
+        headers.insert(
+            signing::HEADER.into(),
+            AMQPValue::LongString(signature.into()),
+        );
+        BasicProperties::default()
+            .with_message_id(row.message_id.to_string().into())
+            .with_type(row.message_type.as_str().into())
+            .with_correlation_id(row.correlation_id.as_str().into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_headers(headers)
     }
 
     /// Runs until `shutdown`: connect (with backoff), then publish whenever woken or polled;
     /// on a broker error drop the connection and start over; on a database error back off.
     pub async fn run(self, shutdown: CancellationToken) {
         let name = format!("{}-outbox-relay", self.schema);
-        let mut db_backoff = Duration::ZERO;
+        let mut db_delays = Delays::new();
         while let Some((connection, channel)) =
             connect_until_ready(&self.broker, &name, true, &shutdown).await
         {
             self.broker.links().set(&name, true);
             let lost_broker = loop {
                 match self.drain(&channel).await {
-                    Ok(()) => db_backoff = Duration::ZERO,
+                    Ok(()) => db_delays = Delays::new(),
                     Err(RelayError::Db(error)) => {
-                        db_backoff = (db_backoff * 2)
-                            .clamp(Duration::from_millis(100), Duration::from_secs(5));
-                        tracing::warn!(task = %name, %error, retry_in = ?db_backoff, "outbox relay cannot read the database");
+                        let pause = db_delays.next_delay();
+                        tracing::warn!(task = %name, %error, retry_in = ?pause, "outbox relay cannot read the database");
                         tokio::select! {
-                            _ = tokio::time::sleep(db_backoff) => continue,
+                            _ = tokio::time::sleep(pause) => continue,
                             _ = shutdown.cancelled() => break false,
                         }
                     }
@@ -229,7 +241,7 @@ impl Relay {
     }
 
     async fn drain(&self, channel: &Channel) -> Result<(), RelayError> {
-        while self.relay_once(channel).await? == self.settings.batch_size as usize {}
+        while self.relay_batch(channel).await? == self.settings.batch_size as usize {}
         Ok(())
     }
 }
@@ -244,8 +256,7 @@ pub struct HousekeepingSettings {
     pub backlog_age_warning: Duration,
 }
 
-/// Keeps a context's outbox (and its idempotency keys) from growing without bound, and says so
-/// when the outbox backlog grows.
+/// Keeps a context's outbox from growing without bound, and says so when its backlog grows.
 pub struct Housekeeper {
     db: DatabaseConnection,
     schema: &'static str,
@@ -313,10 +324,6 @@ impl Housekeeper {
                 Ok(0) => {}
                 Ok(deleted) => tracing::debug!(schema, deleted, "purged sent outbox rows"),
                 Err(error) => tracing::warn!(schema, %error, "cannot purge the outbox"),
-            }
-            // The same schema's remembered Idempotency-Keys expire on the same round.
-            if let Err(error) = crate::idempotency::purge_expired(&self.db, schema).await {
-                tracing::warn!(schema, %error, "cannot purge expired idempotency keys");
             }
             let backlog = match self.backlog().await {
                 Ok(backlog) => backlog,

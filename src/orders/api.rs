@@ -8,20 +8,19 @@ use poem::http::StatusCode;
 use poem::middleware::ReqId;
 use poem_openapi::param::{Header, Query};
 use poem_openapi::payload::{EventStream, Json};
-use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
-use sea_orm::{DatabaseConnection, TransactionTrait};
-use tokio::sync::{Notify, broadcast};
+use poem_openapi::{Enum, Object, OpenApi, Tags};
+use sea_orm::{DatabaseConnection, DatabaseTransaction};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::api_errors;
 use crate::contracts::PaymentFailureReason;
-use crate::http::{
-    ApiError, ErrorBody, parse_amount, parse_idempotency_key, parse_user_id, remember_response,
-    replay_if_seen,
-};
 use crate::orders::domain::{Order, OrderId, OrderStatus};
 use crate::orders::events::OrderEvents;
 use crate::orders::{OrdersError, SCHEMA, saga, store};
+use crate::statuses;
+use crate::web::error::{ApiError, Reply};
+use crate::web::idempotency::IdempotentPost;
+use crate::web::params::{invalid, parse_amount, parse_idempotency_key, parse_user_id};
 
 #[derive(Tags)]
 enum Tag {
@@ -132,85 +131,47 @@ impl From<OrdersError> for ApiError {
             OrdersError::OrderNotFound => {
                 ApiError::new(StatusCode::NOT_FOUND, "order_not_found", error.to_string())
             }
-            OrdersError::Store(error) => ApiError::from_db(&error),
         }
     }
 }
 
-#[derive(ApiResponse)]
-#[oai(bad_request_handler = "CreateOrderResponse::bad_request")]
-pub enum CreateOrderResponse {
-    /// The order, with status NEW; its payment runs in the background.
-    #[oai(status = 201)]
-    Created(Json<OrderBody>),
-    /// `user_id`, `amount` or `Idempotency-Key` is missing or malformed.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
-    /// The Idempotency-Key was used before with other parameters (`idempotency_key_reused`).
-    #[oai(status = 422)]
-    Unprocessable(Json<ErrorBody>),
-    #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
-    /// The database is unreachable; retry later.
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
-}
-api_errors!(CreateOrderResponse { 422 => Unprocessable });
+statuses!(CreateOrder:
+    201 => "The order, with status NEW; its payment runs in the background.",
+    400 => "`user_id`, `amount` or `Idempotency-Key` is missing or malformed.",
+    422 => "The Idempotency-Key was used before with other parameters (`idempotency_key_reused`).",
+    500 => "",
+    503 => "The database is unreachable; retry later.",
+);
 
-#[derive(ApiResponse)]
-#[oai(bad_request_handler = "GetOrderResponse::bad_request")]
-pub enum GetOrderResponse {
-    /// The order and its status.
-    #[oai(status = 200)]
-    Ok(Json<OrderBody>),
-    /// `id` is missing or not a UUID.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
-    /// No order has this id (`order_not_found`).
-    #[oai(status = 404)]
-    NotFound(Json<ErrorBody>),
-    #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
-    /// The database is unreachable; retry later.
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
-}
-api_errors!(GetOrderResponse { 404 => NotFound });
+statuses!(GetOrder:
+    200 => "The order and its status.",
+    400 => "`id` is missing or not a UUID.",
+    404 => "No order has this id (`order_not_found`).",
+    500 => "",
+    503 => "The database is unreachable; retry later.",
+);
 
-#[derive(ApiResponse)]
-#[oai(bad_request_handler = "ListOrdersResponse::bad_request")]
-pub enum ListOrdersResponse {
-    /// The user's orders, newest first; an empty list if none.
-    #[oai(status = 200)]
-    Ok(Json<OrderListBody>),
-    /// `user_id` is missing or malformed.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
-    #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
-    /// The database is unreachable; retry later.
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
-}
-api_errors!(ListOrdersResponse {});
+statuses!(ListOrders:
+    200 => "The user's orders, newest first; an empty list if none.",
+    400 => "`user_id` is missing or malformed.",
+    500 => "",
+    503 => "The database is unreachable; retry later.",
+);
 
-#[derive(ApiResponse)]
-#[oai(bad_request_handler = "OrderEventsResponse::bad_request")]
-pub enum OrderEventsResponse {
-    /// Server-Sent Events: one `message` per change of one of the user's orders (created,
-    /// FINISHED, CANCELLED), its data the order as JSON. The stream may end (a slow reader, a
-    /// restart): reconnect and re-read the list.
-    #[oai(status = 200)]
-    Ok(EventStream<BoxStream<'static, OrderBody>>),
-    /// `user_id` is missing or malformed.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
-    #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
-}
-api_errors!(OrderEventsResponse {});
+statuses!(FollowOrders:
+    200 => "Server-Sent Events: one `message` per change of one of the user's orders (created,\n\
+            FINISHED, CANCELLED), its data the order as JSON. The stream may end (a slow reader, a\n\
+            restart): reconnect and re-read the list.",
+    400 => "`user_id` is missing or malformed.",
+);
+
+type OrderStream = EventStream<BoxStream<'static, OrderBody>>;
+
+const CREATE: IdempotentPost = IdempotentPost {
+    schema: SCHEMA,
+    endpoint: "create_order",
+    status: StatusCode::CREATED,
+};
 
 /// How often an idle event stream sends a comment, so proxies keep it open.
 const EVENTS_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
@@ -242,116 +203,58 @@ impl OrdersApi {
         /// order (so it is never paid twice).
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
-    ) -> CreateOrderResponse {
-        let result: Result<OrderBody, ApiError> = async {
+    ) -> Reply<Json<OrderBody>, CreateOrder> {
+        let create = async {
             let user = parse_user_id(&user_id)?;
             let amount = parse_amount(&amount)?;
-            let key = parse_idempotency_key(idempotency_key.0.as_deref())?;
-            let fingerprint = format!("user_id={user}&amount={amount}");
-            let endpoint = "create_order";
+            let key = parse_idempotency_key(idempotency_key.as_deref())?;
             let correlation_id = correlation_id(request);
-            let txn = self.db.begin().await.map_err(OrdersError::from)?;
-            if let Some(replay) =
-                replay_if_seen(&txn, SCHEMA, endpoint, key.as_ref(), &fingerprint).await?
-            {
-                return Ok(replay);
-            }
-            let order: OrderBody = saga::place_order(&txn, &user, amount, &correlation_id)
-                .await
-                .map_err(OrdersError::from)?
-                .into();
-            remember_response(
-                &txn,
-                SCHEMA,
-                endpoint,
-                key.as_ref(),
-                StatusCode::CREATED,
-                &order,
-            )
-            .await?;
-            txn.commit().await.map_err(OrdersError::from)?;
+            let place = async |txn: &DatabaseTransaction| {
+                let order = saga::place_order(txn, &user, amount, &correlation_id).await?;
+                Ok(OrderBody::from(order))
+            };
+            let fingerprint = format!("user_id={user}&amount={amount}");
+            let order = CREATE
+                .run(&self.db, key.as_ref(), &fingerprint, place)
+                .await?;
             self.relay_wake.notify_one();
-            Ok(order)
-        }
-        .await;
-        match result {
-            Ok(order) => CreateOrderResponse::Created(Json(order)),
-            Err(error) => error.into(),
-        }
+            Ok::<_, ApiError>(order)
+        };
+        create.await.map(Json).into()
     }
 
     /// Read one order and its status.
     #[oai(path = "/api/orders/order", method = "get", tag = "Tag::Orders")]
-    async fn order(&self, id: Query<String>) -> GetOrderResponse {
-        let result: Result<Order, ApiError> = async {
-            let id = OrderId::parse(&id).map_err(|error| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_order_id",
-                    error.to_string(),
-                )
-            })?;
-            store::find_order(&self.db, id)
-                .await
-                .map_err(OrdersError::from)?
-                .ok_or_else(|| OrdersError::OrderNotFound.into())
-        }
-        .await;
-        match result {
-            Ok(order) => GetOrderResponse::Ok(Json(order.into())),
-            Err(error) => error.into(),
-        }
+    async fn order(&self, id: Query<String>) -> Reply<Json<OrderBody>, GetOrder> {
+        let find = async {
+            let id = OrderId::parse(&id).map_err(|error| invalid("invalid_order_id", error))?;
+            let order = store::find_order(&self.db, id).await?;
+            order.ok_or_else(|| ApiError::from(OrdersError::OrderNotFound))
+        };
+        find.await.map(|order| Json(order.into())).into()
     }
 
     /// List a user's orders, newest first.
     #[oai(path = "/api/orders/orders", method = "get", tag = "Tag::Orders")]
-    async fn orders(&self, user_id: Query<String>) -> ListOrdersResponse {
-        let result: Result<Vec<Order>, ApiError> = async {
-            let user = parse_user_id(&user_id)?;
-            Ok(store::list_orders(&self.db, &user)
-                .await
-                .map_err(OrdersError::from)?)
-        }
-        .await;
-        match result {
-            Ok(orders) => ListOrdersResponse::Ok(Json(OrderListBody {
+    async fn orders(&self, user_id: Query<String>) -> Reply<Json<OrderListBody>, ListOrders> {
+        let list = async {
+            let orders = store::list_orders(&self.db, &parse_user_id(&user_id)?).await?;
+            Ok::<_, ApiError>(OrderListBody {
                 orders: orders.into_iter().map(OrderBody::from).collect(),
-            })),
-            Err(error) => error.into(),
-        }
+            })
+        };
+        list.await.map(Json).into()
     }
 
     /// Follow a user's orders live (Server-Sent Events): each change of one of their orders
     /// arrives as it is committed.
     #[oai(path = "/api/orders/events", method = "get", tag = "Tag::Orders")]
-    async fn events(&self, user_id: Query<String>) -> OrderEventsResponse {
-        let user = match parse_user_id(&user_id) {
-            Ok(user) => user,
-            Err(error) => return error.into(),
-        };
-        let state = (self.events.subscribe(), user, self.shutdown.clone());
-        let stream =
-            futures_util::stream::unfold(state, |(mut receiver, user, shutdown)| async move {
-                loop {
-                    let next = tokio::select! {
-                        next = receiver.recv() => next,
-                        _ = shutdown.cancelled() => return None,
-                    };
-                    match next {
-                        Ok(order) if order.user_id == user => {
-                            return Some((OrderBody::from(order), (receiver, user, shutdown)));
-                        }
-                        Ok(_) => continue,
-                        // Lagged: this reader missed changes; end the stream so it re-reads.
-                        Err(
-                            broadcast::error::RecvError::Lagged(_)
-                            | broadcast::error::RecvError::Closed,
-                        ) => {
-                            return None;
-                        }
-                    }
-                }
-            });
-        OrderEventsResponse::Ok(EventStream::new(stream.boxed()).keep_alive(EVENTS_KEEP_ALIVE))
+    async fn events(&self, user_id: Query<String>) -> Reply<OrderStream, FollowOrders> {
+        parse_user_id(&user_id)
+            .map(|user| {
+                let stream = self.events.follow(user, self.shutdown.clone());
+                EventStream::new(stream.map(OrderBody::from).boxed()).keep_alive(EVENTS_KEEP_ALIVE)
+            })
+            .into()
     }
 }

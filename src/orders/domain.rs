@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::contracts::PaymentFailureReason;
-use crate::money::Money;
-use crate::user_id::UserId;
+use crate::kernel::money::Money;
+use crate::kernel::user_id::UserId;
 
 /// An order's id: a UUID (version 7, so ids sort by creation time).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -18,7 +18,7 @@ pub struct OrderId(Uuid);
 pub struct OrderIdError;
 
 impl OrderId {
-    pub fn new() -> OrderId {
+    pub fn generate() -> OrderId {
         OrderId(Uuid::now_v7())
     }
 
@@ -36,12 +36,6 @@ impl OrderId {
 
     pub fn as_uuid(self) -> Uuid {
         self.0
-    }
-}
-
-impl Default for OrderId {
-    fn default() -> Self {
-        OrderId::new()
     }
 }
 
@@ -93,7 +87,7 @@ mod tests {
 
     #[test]
     fn order_ids_are_hyphenated_uuids_only() {
-        let id = OrderId::new();
+        let id = OrderId::generate();
         assert_eq!(OrderId::parse(&id.to_string()), Ok(id));
         assert_eq!(OrderId::parse(&id.to_string().to_uppercase()), Ok(id));
         for bad in [

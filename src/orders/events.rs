@@ -2,14 +2,16 @@
 //! instance LISTENs and fans the change out to its Server-Sent-Events subscribers, so a client
 //! hears of a change whichever instance applied it.
 
-use std::time::Duration;
-
 use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use futures_util::Stream;
+
+use crate::kernel::backoff::Delays;
+use crate::kernel::user_id::UserId;
 use crate::orders::domain::{Order, OrderId};
 use crate::orders::store;
 
@@ -41,24 +43,51 @@ impl Default for OrderEvents {
 }
 
 impl OrderEvents {
-    pub fn subscribe(&self) -> broadcast::Receiver<Order> {
-        self.sender.subscribe()
+    /// The changes of `user`'s orders from now on, until `shutdown`. The stream ends when
+    /// this reader has fallen behind (it missed changes): the client reconnects and re-reads.
+    pub fn follow(
+        &self,
+        user: UserId,
+        shutdown: CancellationToken,
+    ) -> impl Stream<Item = Order> + Send + 'static {
+        let state = (self.sender.subscribe(), user, shutdown);
+        futures_util::stream::unfold(state, |(mut receiver, user, shutdown)| async move {
+            loop {
+                let next = tokio::select! {
+                    next = receiver.recv() => next,
+                    _ = shutdown.cancelled() => return None,
+                };
+                match next {
+                    Ok(order) if order.user_id == user => {
+                        return Some((order, (receiver, user, shutdown)));
+                    }
+                    Ok(_) => continue,
+                    Err(
+                        broadcast::error::RecvError::Lagged(_)
+                        | broadcast::error::RecvError::Closed,
+                    ) => {
+                        return None;
+                    }
+                }
+            }
+        })
     }
 
     /// LISTENs until `shutdown`, reconnecting after a lost connection. Changes made while the
     /// connection was down are not replayed: clients re-read the list when their stream restarts.
     pub async fn run(self, db: DatabaseConnection, shutdown: CancellationToken) {
-        let mut delay = Duration::from_millis(100);
+        let mut delays = Delays::new();
         loop {
             let result = tokio::select! {
                 result = self.listen(&db) => result,
                 _ = shutdown.cancelled() => break,
             };
+            let pause = delays.next_delay();
             if let Err(error) = result {
-                tracing::warn!(%error, retry_in = ?delay, "order status listener lost the database");
+                tracing::warn!(%error, retry_in = ?pause, "order status listener lost the database");
             }
             tokio::select! {
-                _ = tokio::time::sleep(delay) => delay = (delay * 2).min(Duration::from_secs(5)),
+                _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.cancelled() => break,
             }
         }

@@ -9,12 +9,14 @@ pub mod events;
 pub mod saga;
 pub mod store;
 
-use crate::contracts::{Contract, PaymentFailedV1, PaymentSucceededV1};
+use crate::contracts::{PaymentFailedV1, PaymentSucceededV1};
 use crate::messaging::amqp::QueueSpec;
+use crate::messaging::envelope::Message;
 
-pub const SCHEMA: &str = "orders";
+/// The schema Orders owns, as its migrator names it.
+pub const SCHEMA: &str = migrations::Context::Orders.schema();
 
-/// The queue Orders consumes: Payments' answers.
+/// The queue Orders consumes: Payments' answers. Its name is also the inbox's consumer name.
 pub const PAYMENT_RESULTS: QueueSpec = QueueSpec {
     suffix: "orders.payment-results",
     message_types: &[PaymentSucceededV1::TYPE, PaymentFailedV1::TYPE],
@@ -24,6 +26,4 @@ pub const PAYMENT_RESULTS: QueueSpec = QueueSpec {
 pub enum OrdersError {
     #[error("no order has this id")]
     OrderNotFound,
-    #[error(transparent)]
-    Store(#[from] sea_orm::DbErr),
 }

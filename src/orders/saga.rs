@@ -1,20 +1,18 @@
 //! The payment saga, orchestrated by Orders: an order is created NEW together with its
 //! `PaymentRequestedV1` in the outbox; Payments' answer moves it to FINISHED or CANCELLED.
 
-use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
+use sea_orm::{DatabaseTransaction, DbErr};
 
-use crate::contracts::{Contract, PaymentFailedV1, PaymentRequestedV1, PaymentSucceededV1};
-use crate::messaging::consumer::{HandleError, Handled, Handler};
-use crate::messaging::envelope::Envelope;
-use crate::messaging::{inbox, outbox};
-use crate::metrics::Metrics;
-use crate::money::Money;
+use crate::contracts::{PaymentFailedV1, PaymentRequestedV1, PaymentSucceededV1};
+use crate::kernel::money::Money;
+use crate::kernel::user_id::UserId;
+use crate::messaging::consumer::{HandleError, Handler, Incoming};
+use crate::messaging::envelope::{Envelope, Message};
+use crate::messaging::outbox;
+use crate::ops::metrics::Metrics;
 use crate::orders::domain::{Order, OrderId, OrderStatus};
 use crate::orders::store::{self, Settlement};
 use crate::orders::{SCHEMA, events};
-use crate::user_id::UserId;
-
-const CONSUMER: &str = "orders.payment-results";
 
 /// Creates a NEW order and its payment request in the caller's transaction. Once that commits,
 /// the caller wakes the outbox relay.
@@ -24,7 +22,7 @@ pub async fn place_order(
     amount: Money,
     correlation_id: &str,
 ) -> Result<Order, DbErr> {
-    let order = store::insert_order(txn, OrderId::new(), user, amount, correlation_id).await?;
+    let order = store::insert_order(txn, OrderId::generate(), user, amount, correlation_id).await?;
     let request = PaymentRequestedV1 {
         order_id: order.id.as_uuid(),
         user_id: user.clone(),
@@ -36,61 +34,79 @@ pub async fn place_order(
     Ok(order)
 }
 
+/// Payments' answer about one order: the status it moves the order to.
+#[derive(Debug, Clone, Copy)]
+pub struct PaymentResult {
+    order_id: OrderId,
+    status: OrderStatus,
+}
+
 /// Applies Payments' answers to orders.
 pub struct PaymentResultHandler {
-    db: DatabaseConnection,
     metrics: Metrics,
 }
 
 impl PaymentResultHandler {
-    pub fn new(db: DatabaseConnection, metrics: Metrics) -> PaymentResultHandler {
-        PaymentResultHandler { db, metrics }
+    pub fn new(metrics: Metrics) -> PaymentResultHandler {
+        PaymentResultHandler { metrics }
     }
 }
 
-fn poison(error: impl std::fmt::Display) -> HandleError {
-    HandleError::Poison(error.to_string())
-}
-
 impl Handler for PaymentResultHandler {
-    async fn handle(&self, envelope: Envelope) -> Result<Handled, HandleError> {
+    type Message = PaymentResult;
+    /// The order, if this answer settled it.
+    type Applied = Option<Order>;
+
+    fn decode(&self, envelope: &Envelope) -> Result<PaymentResult, HandleError> {
         let (order_id, status) = match envelope.message_type.as_str() {
             PaymentSucceededV1::TYPE => {
-                let answer: PaymentSucceededV1 = envelope.payload_as().map_err(poison)?;
+                let answer: PaymentSucceededV1 =
+                    envelope.payload_as().map_err(HandleError::poison)?;
                 (answer.order_id, OrderStatus::Finished)
             }
             PaymentFailedV1::TYPE => {
-                let answer: PaymentFailedV1 = envelope.payload_as().map_err(poison)?;
+                let answer: PaymentFailedV1 = envelope.payload_as().map_err(HandleError::poison)?;
                 (answer.order_id, OrderStatus::Cancelled(answer.reason))
             }
-            other => return Err(poison(format!("unexpected message type {other:?}"))),
+            other => {
+                return Err(HandleError::poison(format!(
+                    "unexpected message type {other:?}"
+                )));
+            }
         };
-        let order_id = OrderId::from_uuid(order_id);
+        Ok(PaymentResult {
+            order_id: OrderId::from_uuid(order_id),
+            status,
+        })
+    }
 
-        let txn = self.db.begin().await?;
-        if !inbox::record_first_delivery(&txn, SCHEMA, CONSUMER, envelope.message_id).await? {
-            txn.commit().await?;
-            tracing::info!(%order_id, "duplicate payment result ignored");
-            return Ok(Handled::Duplicate);
-        }
-        match store::settle_order(&txn, order_id, status).await? {
+    async fn apply(
+        &self,
+        txn: &DatabaseTransaction,
+        incoming: Incoming<PaymentResult>,
+    ) -> Result<Option<Order>, HandleError> {
+        let PaymentResult { order_id, status } = incoming.message;
+        match store::settle_order(txn, order_id, status).await? {
             Settlement::Settled(order) => {
-                events::notify_changed(&txn, order_id).await?;
-                txn.commit().await?;
-                let took = (order.updated_at - order.created_at).as_seconds_f64();
-                self.metrics.saga_settled(took);
-                tracing::info!(%order_id, status = order.status.as_str(), saga_seconds = took, "order settled");
-                Ok(Handled::Applied)
+                events::notify_changed(txn, order_id).await?;
+                Ok(Some(order))
             }
             Settlement::AlreadyFinal(order) => {
-                txn.commit().await?;
                 tracing::info!(%order_id, status = order.status.as_str(), "order already final; answer ignored");
-                Ok(Handled::Applied)
+                Ok(None)
             }
             // Rolled back with the inbox row: the message goes to the dead-letter queue intact.
-            Settlement::Unknown => Err(poison(format!(
+            Settlement::Unknown => Err(HandleError::poison(format!(
                 "payment result for unknown order {order_id}"
             ))),
+        }
+    }
+
+    fn committed(&self, settled: Option<Order>) {
+        if let Some(order) = settled {
+            let took = (order.updated_at - order.created_at).as_seconds_f64();
+            self.metrics.saga_settled(took);
+            tracing::info!(order_id = %order.id, status = order.status.as_str(), saga_seconds = took, "order settled");
         }
     }
 }

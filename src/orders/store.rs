@@ -5,9 +5,9 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Val
 use uuid::Uuid;
 
 use crate::contracts::PaymentFailureReason;
-use crate::money::Money;
+use crate::kernel::money::Money;
+use crate::kernel::user_id::UserId;
 use crate::orders::domain::{Order, OrderId, OrderStatus};
-use crate::user_id::UserId;
 
 fn statement<I: IntoIterator<Item = Value>>(sql: &str, values: I) -> Statement {
     Statement::from_sql_and_values(DbBackend::Postgres, sql, values)

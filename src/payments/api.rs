@@ -3,16 +3,15 @@
 use poem::http::StatusCode;
 use poem_openapi::param::{Header, Query};
 use poem_openapi::payload::Json;
-use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use poem_openapi::{Enum, Object, OpenApi, Tags};
+use sea_orm::{DatabaseConnection, DatabaseTransaction};
 
-use crate::api_errors;
-use crate::http::{
-    ApiError, ErrorBody, parse_amount, parse_idempotency_key, parse_user_id, remember_response,
-    replay_if_seen,
-};
 use crate::payments::domain::{Account, EntryKind, LedgerEntry};
 use crate::payments::{PaymentsError, SCHEMA, store};
+use crate::statuses;
+use crate::web::error::{ApiError, Reply};
+use crate::web::idempotency::IdempotentPost;
+use crate::web::params::{parse_amount, parse_idempotency_key, parse_user_id};
 
 #[derive(Tags)]
 enum Tag {
@@ -114,99 +113,58 @@ impl From<PaymentsError> for ApiError {
                 "balance_limit_exceeded",
                 error.to_string(),
             ),
-            PaymentsError::Store(error) => ApiError::from_db(&error),
         }
     }
 }
 
-#[derive(ApiResponse)]
-#[oai(bad_request_handler = "CreateAccountResponse::bad_request")]
-pub enum CreateAccountResponse {
-    /// The new account, with balance 0.00.
-    #[oai(status = 201)]
-    Created(Json<AccountBody>),
-    /// `user_id` or `Idempotency-Key` is missing or malformed.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
-    /// The user already has an account (`account_exists`).
-    #[oai(status = 409)]
-    Conflict(Json<ErrorBody>),
-    /// The Idempotency-Key was used before with another user id (`idempotency_key_reused`).
-    #[oai(status = 422)]
-    Unprocessable(Json<ErrorBody>),
-    #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
-    /// The database is unreachable; retry later.
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
-}
-api_errors!(CreateAccountResponse { 409 => Conflict, 422 => Unprocessable });
+statuses!(CreateAccount:
+    201 => "The new account, with balance 0.00.",
+    400 => "`user_id` or `Idempotency-Key` is missing or malformed.",
+    409 => "The user already has an account (`account_exists`).",
+    422 => "The Idempotency-Key was used before with another user id (`idempotency_key_reused`).",
+    500 => "",
+    503 => "The database is unreachable; retry later.",
+);
 
-#[derive(ApiResponse)]
-#[oai(bad_request_handler = "AddFundsResponse::bad_request")]
-pub enum AddFundsResponse {
-    /// The account with its new balance.
-    #[oai(status = 200)]
-    Ok(Json<AccountBody>),
-    /// `user_id`, `amount` or `Idempotency-Key` is missing or malformed.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
-    /// The user has no account (`account_not_found`).
-    #[oai(status = 404)]
-    NotFound(Json<ErrorBody>),
-    /// The balance would exceed what an account can hold (`balance_limit_exceeded`), or the
-    /// Idempotency-Key was used before with other parameters (`idempotency_key_reused`).
-    #[oai(status = 422)]
-    Unprocessable(Json<ErrorBody>),
-    #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
-    /// The database is unreachable; retry later.
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
-}
-api_errors!(AddFundsResponse { 404 => NotFound, 422 => Unprocessable });
+statuses!(AddFunds:
+    200 => "The account with its new balance.",
+    400 => "`user_id`, `amount` or `Idempotency-Key` is missing or malformed.",
+    404 => "The user has no account (`account_not_found`).",
+    422 => "The balance would exceed what an account can hold (`balance_limit_exceeded`), or the\n\
+            Idempotency-Key was used before with other parameters (`idempotency_key_reused`).",
+    500 => "",
+    503 => "The database is unreachable; retry later.",
+);
 
-#[derive(ApiResponse)]
-#[oai(bad_request_handler = "BalanceResponse::bad_request")]
-pub enum BalanceResponse {
-    /// The account and its balance.
-    #[oai(status = 200)]
-    Ok(Json<AccountBody>),
-    /// `user_id` is missing or malformed.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
-    /// The user has no account (`account_not_found`).
-    #[oai(status = 404)]
-    NotFound(Json<ErrorBody>),
-    #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
-    /// The database is unreachable; retry later.
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
-}
-api_errors!(BalanceResponse { 404 => NotFound });
+statuses!(Balance:
+    200 => "The account and its balance.",
+    400 => "`user_id` is missing or malformed.",
+    404 => "The user has no account (`account_not_found`).",
+    500 => "",
+    503 => "The database is unreachable; retry later.",
+);
 
-#[derive(ApiResponse)]
-#[oai(bad_request_handler = "LedgerResponse::bad_request")]
-pub enum LedgerResponse {
-    /// The account's balance changes, newest first (at most 1000).
-    #[oai(status = 200)]
-    Ok(Json<LedgerBody>),
-    /// `user_id` is missing or malformed.
-    #[oai(status = 400)]
-    BadRequest(Json<ErrorBody>),
-    /// The user has no account (`account_not_found`).
-    #[oai(status = 404)]
-    NotFound(Json<ErrorBody>),
-    #[oai(status = 500)]
-    Internal(Json<ErrorBody>),
-    /// The database is unreachable; retry later.
-    #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
-}
-api_errors!(LedgerResponse { 404 => NotFound });
+statuses!(Ledger:
+    200 => "The account's balance changes, newest first (at most 1000).",
+    400 => "`user_id` is missing or malformed.",
+    404 => "The user has no account (`account_not_found`).",
+    500 => "",
+    503 => "The database is unreachable; retry later.",
+);
 
 const LEDGER_LIMIT: u64 = 1000;
+
+const CREATE_ACCOUNT: IdempotentPost = IdempotentPost {
+    schema: SCHEMA,
+    endpoint: "create_account",
+    status: StatusCode::CREATED,
+};
+
+const ADD_FUNDS: IdempotentPost = IdempotentPost {
+    schema: SCHEMA,
+    endpoint: "add_funds",
+    status: StatusCode::OK,
+};
 
 #[OpenApi]
 impl PaymentsApi {
@@ -222,40 +180,22 @@ impl PaymentsApi {
         /// Optional: a retry with the same key gets the first response and creates nothing.
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
-    ) -> CreateAccountResponse {
-        let result: Result<AccountBody, ApiError> = async {
+    ) -> Reply<Json<AccountBody>, CreateAccount> {
+        let open = async {
             let user = parse_user_id(&user_id)?;
-            let key = parse_idempotency_key(idempotency_key.0.as_deref())?;
+            let key = parse_idempotency_key(idempotency_key.as_deref())?;
+            let create = async |txn: &DatabaseTransaction| {
+                let account = store::create_account(txn, &user).await?;
+                Ok(AccountBody::from(
+                    account.ok_or(PaymentsError::AccountExists)?,
+                ))
+            };
             let fingerprint = format!("user_id={user}");
-            let endpoint = "create_account";
-            let txn = self.db.begin().await.map_err(PaymentsError::from)?;
-            if let Some(replay) =
-                replay_if_seen(&txn, SCHEMA, endpoint, key.as_ref(), &fingerprint).await?
-            {
-                return Ok(replay);
-            }
-            let account: AccountBody = store::create_account(&txn, &user)
+            CREATE_ACCOUNT
+                .run(&self.db, key.as_ref(), &fingerprint, create)
                 .await
-                .map_err(PaymentsError::from)?
-                .ok_or(PaymentsError::AccountExists)?
-                .into();
-            remember_response(
-                &txn,
-                SCHEMA,
-                endpoint,
-                key.as_ref(),
-                StatusCode::CREATED,
-                &account,
-            )
-            .await?;
-            txn.commit().await.map_err(PaymentsError::from)?;
-            Ok(account)
-        }
-        .await;
-        match result {
-            Ok(account) => CreateAccountResponse::Created(Json(account)),
-            Err(error) => error.into(),
-        }
+        };
+        open.await.map(Json).into()
     }
 
     /// Add money to an account. `amount` is a decimal such as `200` or `12.50`: greater than
@@ -272,61 +212,33 @@ impl PaymentsApi {
         /// Optional: a retry with the same key gets the first response and adds nothing.
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
-    ) -> AddFundsResponse {
-        let result: Result<AccountBody, ApiError> = async {
+    ) -> Reply<Json<AccountBody>, AddFunds> {
+        let top_up = async {
             let user = parse_user_id(&user_id)?;
             let amount = parse_amount(&amount)?;
-            let key = parse_idempotency_key(idempotency_key.0.as_deref())?;
+            let key = parse_idempotency_key(idempotency_key.as_deref())?;
+            let credit =
+                async |txn: &DatabaseTransaction| match store::top_up(txn, &user, amount).await? {
+                    store::TopUp::Credited(account) => Ok(AccountBody::from(account)),
+                    store::TopUp::NoAccount => Err(PaymentsError::AccountNotFound.into()),
+                    store::TopUp::LimitExceeded => Err(PaymentsError::BalanceLimit.into()),
+                };
             let fingerprint = format!("user_id={user}&amount={amount}");
-            let endpoint = "add_funds";
-            let txn = self.db.begin().await.map_err(PaymentsError::from)?;
-            if let Some(replay) =
-                replay_if_seen(&txn, SCHEMA, endpoint, key.as_ref(), &fingerprint).await?
-            {
-                return Ok(replay);
-            }
-            let account: AccountBody = match store::top_up(&txn, &user, amount)
+            ADD_FUNDS
+                .run(&self.db, key.as_ref(), &fingerprint, credit)
                 .await
-                .map_err(PaymentsError::from)?
-            {
-                store::TopUp::Credited(account) => account.into(),
-                store::TopUp::NoAccount => return Err(PaymentsError::AccountNotFound.into()),
-                store::TopUp::LimitExceeded => return Err(PaymentsError::BalanceLimit.into()),
-            };
-            remember_response(
-                &txn,
-                SCHEMA,
-                endpoint,
-                key.as_ref(),
-                StatusCode::OK,
-                &account,
-            )
-            .await?;
-            txn.commit().await.map_err(PaymentsError::from)?;
-            Ok(account)
-        }
-        .await;
-        match result {
-            Ok(account) => AddFundsResponse::Ok(Json(account)),
-            Err(error) => error.into(),
-        }
+        };
+        top_up.await.map(Json).into()
     }
 
     /// Read an account's balance.
     #[oai(path = "/api/payments/balance", method = "get", tag = "Tag::Payments")]
-    async fn balance(&self, user_id: Query<String>) -> BalanceResponse {
-        let result: Result<Account, ApiError> = async {
-            let user = parse_user_id(&user_id)?;
-            store::find_account(&self.db, &user)
-                .await
-                .map_err(PaymentsError::from)?
-                .ok_or_else(|| PaymentsError::AccountNotFound.into())
-        }
-        .await;
-        match result {
-            Ok(account) => BalanceResponse::Ok(Json(account.into())),
-            Err(error) => error.into(),
-        }
+    async fn balance(&self, user_id: Query<String>) -> Reply<Json<AccountBody>, Balance> {
+        let read = async {
+            let account = self.account(&user_id).await?;
+            Ok::<_, ApiError>(Json(AccountBody::from(account)))
+        };
+        read.await.into()
     }
 
     /// Read an account's ledger: every top-up and debit, newest first.
@@ -335,26 +247,25 @@ impl PaymentsApi {
         method = "get",
         tag = "Tag::Payments"
     )]
-    async fn transactions(&self, user_id: Query<String>) -> LedgerResponse {
-        let result: Result<LedgerBody, ApiError> = async {
-            let user = parse_user_id(&user_id)?;
-            let account = store::find_account(&self.db, &user)
-                .await
-                .map_err(PaymentsError::from)?
-                .ok_or(PaymentsError::AccountNotFound)?;
-            let entries = store::ledger(&self.db, &user, LEDGER_LIMIT)
-                .await
-                .map_err(PaymentsError::from)?;
-            Ok(LedgerBody {
+    async fn transactions(&self, user_id: Query<String>) -> Reply<Json<LedgerBody>, Ledger> {
+        let read = async {
+            let account = self.account(&user_id).await?;
+            let entries = store::ledger(&self.db, &account.user_id, LEDGER_LIMIT).await?;
+            Ok::<_, ApiError>(Json(LedgerBody {
                 user_id: account.user_id.to_string(),
                 balance: account.balance.to_string(),
                 transactions: entries.into_iter().map(LedgerEntryBody::from).collect(),
-            })
-        }
-        .await;
-        match result {
-            Ok(ledger) => LedgerResponse::Ok(Json(ledger)),
-            Err(error) => error.into(),
-        }
+            }))
+        };
+        read.await.into()
+    }
+}
+
+impl PaymentsApi {
+    /// The account of the `user_id` parameter, or why there is none.
+    async fn account(&self, user_id: &str) -> Result<Account, ApiError> {
+        let user = parse_user_id(user_id)?;
+        let account = store::find_account(&self.db, &user).await?;
+        Ok(account.ok_or(PaymentsError::AccountNotFound)?)
     }
 }

@@ -4,8 +4,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::contracts::PaymentFailureReason;
-use crate::money::Money;
-use crate::user_id::UserId;
+use crate::kernel::money::Money;
+use crate::kernel::user_id::UserId;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {

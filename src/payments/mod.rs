@@ -8,14 +8,18 @@ pub mod domain;
 pub mod handler;
 pub mod store;
 
+use crate::contracts::PaymentRequestedV1;
 use crate::messaging::amqp::QueueSpec;
+use crate::messaging::envelope::Message;
 
-pub const SCHEMA: &str = "payments";
+/// The schema Payments owns, as its migrator names it.
+pub const SCHEMA: &str = migrations::Context::Payments.schema();
 
-/// The queue Payments consumes: requests to debit an order.
+/// The queue Payments consumes: requests to debit an order. Its name is also the inbox's
+/// consumer name.
 pub const PAYMENT_REQUESTS: QueueSpec = QueueSpec {
     suffix: "payments.payment-requests",
-    message_types: &[<crate::contracts::PaymentRequestedV1 as crate::contracts::Contract>::TYPE],
+    message_types: &[PaymentRequestedV1::TYPE],
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +30,4 @@ pub enum PaymentsError {
     AccountNotFound,
     #[error("the top-up would take the balance past the largest amount an account can hold")]
     BalanceLimit,
-    #[error(transparent)]
-    Store(#[from] sea_orm::DbErr),
 }

@@ -5,9 +5,9 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Val
 use uuid::Uuid;
 
 use crate::contracts::PaymentFailureReason;
-use crate::money::Money;
+use crate::kernel::money::Money;
+use crate::kernel::user_id::UserId;
 use crate::payments::domain::{Account, DebitOutcome, EntryKind, LedgerEntry};
-use crate::user_id::UserId;
 
 /// A balance can hold at most what its BIGINT column can: a top-up past this is refused.
 pub const MAX_BALANCE_MINOR: i64 = i64::MAX;

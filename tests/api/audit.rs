@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use gozon::audit::{AuditSettings, audit};
-use gozon::cli::Role;
+use gozon::app::cli::Role;
+use gozon::ops::audit::{AuditSettings, audit};
 use sea_orm::ConnectionTrait;
 
 use crate::helpers::{TestEnv, gozon, wait_for_outboxes_drained};

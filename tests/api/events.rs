@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use crate::helpers::{TestApp, TestEnv, spawn_app};
-use gozon::cli::Role;
+use gozon::app::cli::Role;
 
 /// An open event stream and the events read from it so far.
 struct Subscription {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use gozon::audit::{AuditSettings, audit};
-use gozon::cli::Role;
+use gozon::app::cli::Role;
+use gozon::ops::audit::{AuditSettings, audit};
 use reqwest::StatusCode;
 
 use crate::helpers::{TestApp, TestEnv, scalar_i64, wait_for_outboxes_drained};

@@ -2,8 +2,8 @@
 //! Whatever arrives, the answer is the documented success or a 400 envelope, never a 5xx, and
 //! only exactly-valid amounts move money, by exactly their value.
 
-use gozon::money::Money;
-use gozon::user_id::UserId;
+use gozon::kernel::money::Money;
+use gozon::kernel::user_id::UserId;
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::TestRunner;
 

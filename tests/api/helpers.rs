@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use gozon::app::Application;
-use gozon::cli::{Cli, Command, Role};
-use gozon::config::Settings;
+use gozon::app::cli::{Cli, Command, Role};
+use gozon::app::config::Settings;
 use reqwest::StatusCode;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
 use serde_json::Value;
@@ -63,7 +63,7 @@ pub struct TestEnv {
 impl TestEnv {
     pub fn new() -> TestEnv {
         if std::env::var("TEST_LOG").is_ok() {
-            gozon::telemetry::init(gozon::config::LogFormat::Text);
+            gozon::ops::telemetry::init(gozon::ops::telemetry::LogFormat::Text);
         }
         let id = uuid::Uuid::new_v4().simple().to_string();
         TestEnv {

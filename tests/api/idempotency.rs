@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gozon::cli::Role;
+use gozon::app::cli::Role;
 use reqwest::StatusCode;
 
 use crate::helpers::{TestEnv, scalar_i64, snapshot, spawn_app};

@@ -1,6 +1,7 @@
 //! One integration-test binary: each test starts Gozon in-process on a random port, with its own
 //! database and its own exchange and queue names, against the real PostgreSQL and RabbitMQ.
 
+mod architecture;
 mod audit;
 mod events;
 mod faults;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use gozon::cli::Role;
+use gozon::app::cli::Role;
 
 use crate::helpers::{TestApp, TestEnv};
 use crate::saga::{payment_requested, publish_raw};

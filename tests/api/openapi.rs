@@ -16,7 +16,7 @@ async fn the_served_spec_equals_openapi_yaml() {
         .unwrap();
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml");
     if std::env::var("UPDATE_OPENAPI").is_ok() {
-        std::fs::write(path, gozon::http::openapi_yaml()).unwrap();
+        std::fs::write(path, gozon::app::routes::openapi_yaml()).unwrap();
     }
     let committed = std::fs::read_to_string(path).expect("openapi.yaml is committed");
     let committed: serde_json::Value =

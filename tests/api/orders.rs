@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 
 use crate::helpers::{BAD_AMOUNTS, TestEnv, bad_user_ids, snapshot, spawn_app};
-use gozon::cli::Role;
+use gozon::app::cli::Role;
 
 #[tokio::test]
 async fn an_order_is_created_new_and_can_be_read_back() {
@@ -172,11 +172,11 @@ async fn orders_placed_while_the_broker_is_unreachable_wait_in_the_outbox() {
     assert_eq!(backlog.unsent, 3);
     assert!(backlog.oldest_age_secs >= 0.0);
     // The audit sees them as stuck once they are older than its threshold.
-    let strict = gozon::audit::AuditSettings {
+    let strict = gozon::ops::audit::AuditSettings {
         stuck_after: std::time::Duration::ZERO,
         outbox_stale_after: std::time::Duration::ZERO,
     };
-    let report = gozon::audit::audit(&db, &strict).await.unwrap();
+    let report = gozon::ops::audit::audit(&db, &strict).await.unwrap();
     assert!(
         report
             .failed_checks()

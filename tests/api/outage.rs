@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use gozon::audit::{AuditSettings, audit};
-use gozon::cli::Role;
+use gozon::app::cli::Role;
+use gozon::ops::audit::{AuditSettings, audit};
 use sea_orm::{ConnectionTrait, Database};
 
 use crate::helpers::{POSTGRES, TestEnv, wait_for_outboxes_drained};

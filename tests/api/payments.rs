@@ -4,7 +4,7 @@ use reqwest::StatusCode;
 use sea_orm::ConnectionTrait;
 
 use crate::helpers::{BAD_AMOUNTS, TestEnv, bad_user_ids, snapshot, spawn_app};
-use gozon::cli::Role;
+use gozon::app::cli::Role;
 
 #[tokio::test]
 async fn an_account_starts_at_zero_and_grows_with_top_ups() {

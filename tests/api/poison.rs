@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use gozon::cli::Role;
+use gozon::app::cli::Role;
 use gozon::messaging::dlq;
 use gozon::{app, orders, payments};
 

@@ -10,7 +10,7 @@ use crate::helpers::{
     AMQP, TestApp, TestEnv, assert_money_conserved, scalar_i64, spawn_app,
     wait_for_outboxes_drained,
 };
-use gozon::cli::Role;
+use gozon::app::cli::Role;
 use gozon::messaging::signing::{self, MessageKey};
 
 const SETTLE: Duration = Duration::from_secs(5);

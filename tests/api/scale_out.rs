@@ -6,7 +6,7 @@ use reqwest::StatusCode;
 
 use crate::helpers::{TestEnv, assert_money_conserved, scalar_i64, wait_for_outboxes_drained};
 use crate::saga::pay_and_refuse;
-use gozon::cli::Role;
+use gozon::app::cli::Role;
 
 #[tokio::test]
 async fn the_saga_works_across_a_payments_process_and_an_orders_process() {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gozon::audit::{AuditSettings, audit};
+use gozon::ops::audit::{AuditSettings, audit};
 
 use crate::helpers::{TestApp, TestEnv, scalar_i64, wait_for_outboxes_drained};
 

@@ -1,10 +1,11 @@
-//! The command line: `gozon serve --role ...`, `gozon migrate`, `gozon openapi`.
+//! The command line: `gozon serve --role ...`, `migrate`, `audit`, `dlq list|replay`, `openapi`.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::Settings;
+use crate::app::config::{DEFAULT_DATABASE_URL, Settings};
+use crate::app::contexts::{self, BoundedContext};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,7 +37,7 @@ pub enum Command {
     /// Check across both schemas that money is conserved and every order is settled or in
     /// flight; print what is wrong and exit non-zero if anything is.
     Audit {
-        #[arg(long, env = "DATABASE_URL", default_value = crate::config::DEFAULT_DATABASE_URL)]
+        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
         database_url: String,
         /// An order NEW for longer than this many seconds is reported as stuck.
         #[arg(long, default_value_t = 60)]
@@ -101,12 +102,13 @@ pub enum Role {
 }
 
 impl Role {
-    pub fn runs_orders(self) -> bool {
-        matches!(self, Role::Orders | Role::All)
-    }
-
-    pub fn runs_payments(self) -> bool {
-        matches!(self, Role::Payments | Role::All)
+    /// The bounded contexts this role runs.
+    pub fn contexts(self) -> Vec<&'static BoundedContext> {
+        match self {
+            Role::Orders => vec![&contexts::ORDERS],
+            Role::Payments => vec![&contexts::PAYMENTS],
+            Role::All => contexts::ALL.to_vec(),
+        }
     }
 }
 

@@ -127,9 +127,40 @@ pub async fn audit(
     db: &DatabaseConnection,
     settings: &AuditSettings,
 ) -> Result<AuditReport, DbErr> {
+    let totals = totals(db).await?;
+    let mut checks = vec![
+        check(
+            db,
+            "every balance equals its top-ups minus its debits",
+            BALANCE_MATCHES_LEDGER,
+        )
+        .await?,
+        conservation(&totals),
+    ];
+    for (name, sql) in DEBIT_CHECKS {
+        checks.push(check(db, name, sql).await?);
+    }
     let stuck = settings.stuck_after.as_secs_f64();
     let stale = settings.outbox_stale_after.as_secs_f64();
-    let totals = Totals {
+    let stuck_new = format!(
+        "SELECT format('order %s NEW since %s', id, created_at) FROM orders.orders \
+         WHERE status = 'NEW' AND created_at < clock_timestamp() - make_interval(secs => {stuck}) \
+         ORDER BY created_at"
+    );
+    checks.push(check(db, "no order stuck in NEW", &stuck_new).await?);
+    let stuck_outbox = format!(
+        "SELECT format('%s outbox message %s (%s) unsent since %s', schema, message_id, message_type, created_at) \
+         FROM (SELECT 'orders' AS schema, * FROM orders.outbox UNION ALL \
+               SELECT 'payments', * FROM payments.outbox) AS outbox \
+         WHERE sent_at IS NULL AND created_at < clock_timestamp() - make_interval(secs => {stale}) \
+         ORDER BY created_at"
+    );
+    checks.push(check(db, "no outbox message stuck unsent", &stuck_outbox).await?);
+    Ok(AuditReport { checks, totals })
+}
+
+async fn totals(db: &DatabaseConnection) -> Result<Totals, DbErr> {
+    Ok(Totals {
         top_ups_minor: scalar(db, "SELECT coalesce(sum(amount_minor), 0)::BIGINT FROM payments.transactions WHERE kind = 'top_up'").await?,
         balances_minor: scalar(db, "SELECT coalesce(sum(balance_minor), 0)::BIGINT FROM payments.accounts").await?,
         finished_minor: scalar(db, "SELECT coalesce(sum(amount_minor), 0)::BIGINT FROM orders.orders WHERE status = 'FINISHED'").await?,
@@ -141,99 +172,64 @@ pub async fn audit(
         .await?,
         orders: scalar(db, "SELECT count(*) FROM orders.orders").await?,
         orders_new: scalar(db, "SELECT count(*) FROM orders.orders WHERE status = 'NEW'").await?,
-    };
+    })
+}
 
-    let mut checks = Vec::new();
-    checks.push(Check {
-        name: "every balance equals its top-ups minus its debits",
-        problems: problems(
-            db,
-            "SELECT format('account %s: balance %s, ledger says %s', a.user_id, a.balance_minor, \
-                    coalesce(l.net, 0)) \
-             FROM payments.accounts a LEFT JOIN ( \
-                 SELECT user_id, sum(CASE kind WHEN 'top_up' THEN amount_minor ELSE -amount_minor END) AS net \
-                 FROM payments.transactions GROUP BY user_id) l ON l.user_id = a.user_id \
-             WHERE a.balance_minor <> coalesce(l.net, 0) ORDER BY a.user_id",
-        )
-        .await?,
-    });
-    let conserved = totals.top_ups_minor
-        == totals.balances_minor + totals.finished_minor + totals.in_flight_debits_minor;
-    checks.push(Check {
+async fn check(db: &DatabaseConnection, name: &'static str, sql: &str) -> Result<Check, DbErr> {
+    Ok(Check {
+        name,
+        problems: problems(db, sql).await?,
+    })
+}
+
+const BALANCE_MATCHES_LEDGER: &str = "SELECT format('account %s: balance %s, ledger says %s', a.user_id, a.balance_minor, \
+        coalesce(l.net, 0)) \
+ FROM payments.accounts a LEFT JOIN ( \
+     SELECT user_id, sum(CASE kind WHEN 'top_up' THEN amount_minor ELSE -amount_minor END) AS net \
+     FROM payments.transactions GROUP BY user_id) l ON l.user_id = a.user_id \
+ WHERE a.balance_minor <> coalesce(l.net, 0) ORDER BY a.user_id";
+
+/// Each debit against the orders it pays.
+const DEBIT_CHECKS: [(&str, &str); 3] = [
+    (
+        "every debit belongs to an order",
+        "SELECT format('debit %s of %s for unknown order %s', t.id, t.amount_minor, t.order_id) \
+         FROM payments.transactions t WHERE t.kind = 'debit' \
+         AND NOT EXISTS (SELECT 1 FROM orders.orders o WHERE o.id = t.order_id) ORDER BY t.id",
+    ),
+    (
+        "no CANCELLED order was debited",
+        "SELECT format('order %s is CANCELLED (%s) but debit %s took %s', o.id, o.reason, t.id, t.amount_minor) \
+         FROM orders.orders o JOIN payments.transactions t ON t.order_id = o.id \
+         WHERE o.status = 'CANCELLED' ORDER BY o.created_at",
+    ),
+    (
+        "every FINISHED order was debited exactly once, for its amount",
+        "SELECT format('order %s (%s) FINISHED with %s debit(s) totalling %s', o.id, o.amount_minor, \
+                count(t.id), coalesce(sum(t.amount_minor), 0)) \
+         FROM orders.orders o LEFT JOIN payments.transactions t \
+              ON t.order_id = o.id AND t.kind = 'debit' \
+         WHERE o.status = 'FINISHED' GROUP BY o.id, o.amount_minor \
+         HAVING count(t.id) <> 1 OR coalesce(sum(t.amount_minor), 0) <> o.amount_minor",
+    ),
+];
+
+fn conservation(totals: &Totals) -> Check {
+    let held = totals.balances_minor + totals.finished_minor + totals.in_flight_debits_minor;
+    let problems = if totals.top_ups_minor == held {
+        Vec::new()
+    } else {
+        vec![format!(
+            "top-ups {} but balances {} + FINISHED {} + in flight {} = {}",
+            money(totals.top_ups_minor),
+            money(totals.balances_minor),
+            money(totals.finished_minor),
+            money(totals.in_flight_debits_minor),
+            money(held)
+        )]
+    };
+    Check {
         name: "money conserved: top-ups = balances + FINISHED orders + in-flight debits",
-        problems: if conserved {
-            Vec::new()
-        } else {
-            vec![format!(
-                "top-ups {} but balances {} + FINISHED {} + in flight {} = {}",
-                money(totals.top_ups_minor),
-                money(totals.balances_minor),
-                money(totals.finished_minor),
-                money(totals.in_flight_debits_minor),
-                money(
-                    totals.balances_minor + totals.finished_minor + totals.in_flight_debits_minor
-                )
-            )]
-        },
-    });
-    checks.push(Check {
-        name: "every debit belongs to an order",
-        problems: problems(
-            db,
-            "SELECT format('debit %s of %s for unknown order %s', t.id, t.amount_minor, t.order_id) \
-             FROM payments.transactions t WHERE t.kind = 'debit' \
-             AND NOT EXISTS (SELECT 1 FROM orders.orders o WHERE o.id = t.order_id) ORDER BY t.id",
-        )
-        .await?,
-    });
-    checks.push(Check {
-        name: "no CANCELLED order was debited",
-        problems: problems(
-            db,
-            "SELECT format('order %s is CANCELLED (%s) but debit %s took %s', o.id, o.reason, t.id, t.amount_minor) \
-             FROM orders.orders o JOIN payments.transactions t ON t.order_id = o.id \
-             WHERE o.status = 'CANCELLED' ORDER BY o.created_at",
-        )
-        .await?,
-    });
-    checks.push(Check {
-        name: "every FINISHED order was debited exactly once, for its amount",
-        problems: problems(
-            db,
-            "SELECT format('order %s (%s) FINISHED with %s debit(s) totalling %s', o.id, o.amount_minor, \
-                    count(t.id), coalesce(sum(t.amount_minor), 0)) \
-             FROM orders.orders o LEFT JOIN payments.transactions t \
-                  ON t.order_id = o.id AND t.kind = 'debit' \
-             WHERE o.status = 'FINISHED' GROUP BY o.id, o.amount_minor \
-             HAVING count(t.id) <> 1 OR coalesce(sum(t.amount_minor), 0) <> o.amount_minor",
-        )
-        .await?,
-    });
-    checks.push(Check {
-        name: "no order stuck in NEW",
-        problems: problems(
-            db,
-            &format!(
-                "SELECT format('order %s NEW since %s', id, created_at) FROM orders.orders \
-                 WHERE status = 'NEW' AND created_at < clock_timestamp() - make_interval(secs => {stuck}) \
-                 ORDER BY created_at"
-            ),
-        )
-        .await?,
-    });
-    checks.push(Check {
-        name: "no outbox message stuck unsent",
-        problems: problems(
-            db,
-            &format!(
-                "SELECT format('%s outbox message %s (%s) unsent since %s', schema, message_id, message_type, created_at) \
-                 FROM (SELECT 'orders' AS schema, * FROM orders.outbox UNION ALL \
-                       SELECT 'payments', * FROM payments.outbox) AS outbox \
-                 WHERE sent_at IS NULL AND created_at < clock_timestamp() - make_interval(secs => {stale}) \
-                 ORDER BY created_at"
-            ),
-        )
-        .await?,
-    });
-    Ok(AuditReport { checks, totals })
+        problems,
+    }
 }

@@ -20,8 +20,6 @@ pub enum MoneyError {
 }
 
 impl Money {
-    pub const ZERO: Money = Money(0);
-
     /// Parses an amount a client sent: `200`, `12.5`, `12.50`; greater than 0 and at most
     /// [`MAX_REQUEST_MINOR`]. Anything else (signs, spaces, exponents, hex, `NaN`, three
     /// decimals, a trailing dot) is refused.

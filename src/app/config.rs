@@ -6,12 +6,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use crate::messaging::amqp::BrokerSettings;
 use crate::messaging::consumer::ConsumerSettings;
 use crate::messaging::outbox::{HousekeepingSettings, RelaySettings};
 use crate::messaging::signing::{self, MessageKey};
+use crate::ops::telemetry::{LogFormat, mask_password};
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/gozon";
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -84,12 +85,6 @@ pub struct Settings {
     pub log_format: LogFormat,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 impl Settings {
     pub fn broker(&self) -> BrokerSettings {
         BrokerSettings {
@@ -125,20 +120,6 @@ impl Settings {
     }
 }
 
-/// Hides the password of a URL such as `postgres://user:secret@host/db`.
-pub fn mask_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((credentials, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match credentials.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
-}
-
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Settings")
@@ -159,22 +140,5 @@ impl fmt::Debug for Settings {
             .field("static_dir", &self.static_dir)
             .field("log_format", &self.log_format)
             .finish()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn masks_passwords_only() {
-        assert_eq!(
-            mask_password("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            mask_password("postgres://postgres@127.0.0.1:5432/gozon"),
-            "postgres://postgres@127.0.0.1:5432/gozon"
-        );
     }
 }

@@ -1,0 +1,78 @@
+//! The tables every context's schema has for messaging and HTTP idempotency, as functions of the
+//! schema, for the migrations that create them in a new context. The migrations already applied
+//! keep their own text (history does not change); a test checks they say exactly this.
+
+/// The transactional outbox (rows published by the relay) and the inbox (message ids a
+/// consumer has applied).
+pub fn outbox_and_inbox(schema: &str) -> String {
+    format!(
+        r#"CREATE TABLE {schema}.outbox (
+    seq            BIGSERIAL PRIMARY KEY,
+    message_id     UUID NOT NULL UNIQUE,
+    message_type   TEXT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    body           JSONB NOT NULL,
+    created_at     TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    sent_at        TIMESTAMPTZ NULL
+);
+CREATE INDEX {schema}_outbox_unsent_idx ON {schema}.outbox (seq) WHERE sent_at IS NULL;
+
+CREATE TABLE {schema}.inbox (
+    consumer     TEXT NOT NULL,
+    message_id   UUID NOT NULL,
+    received_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (consumer, message_id)
+);
+"#
+    )
+}
+
+/// The first response to each POST that carried an `Idempotency-Key`.
+pub fn idempotency_keys(schema: &str) -> String {
+    format!(
+        r#"
+-- Idempotency-Key: the first response to a POST, replayed to retries of the same request.
+CREATE TABLE {schema}.idempotency_keys (
+    endpoint     TEXT NOT NULL,
+    key          TEXT NOT NULL CHECK (char_length(key) BETWEEN 1 AND 255),
+    fingerprint  TEXT NOT NULL,
+    status       SMALLINT NOT NULL,
+    body         JSONB NOT NULL,
+    created_at   TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (endpoint, key)
+);
+CREATE INDEX {schema}_idempotency_keys_created_idx ON {schema}.idempotency_keys (created_at);
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_applied_migrations_say_exactly_this() {
+        let applied = [
+            (
+                "orders",
+                include_str!("orders/m20261125_000001_create_orders.rs"),
+                include_str!("orders/m20261125_000002_create_idempotency_keys.rs"),
+            ),
+            (
+                "payments",
+                include_str!("payments/m20261125_000001_create_accounts.rs"),
+                include_str!("payments/m20261125_000002_create_idempotency_keys.rs"),
+            ),
+        ];
+        for (schema, tables, keys) in applied {
+            assert!(
+                tables.contains(&outbox_and_inbox(schema)),
+                "{schema} outbox/inbox"
+            );
+            assert!(
+                keys.contains(&idempotency_keys(schema)),
+                "{schema} idempotency keys"
+            );
+        }
+    }
+}

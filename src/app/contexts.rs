@@ -1,0 +1,136 @@
+//! The bounded contexts as the wiring sees them: one descriptor each (schema and migrator, the
+//! queue it consumes, how it starts), iterated over by everything that runs a role.
+
+use std::sync::Arc;
+
+use poem::IntoEndpoint;
+use poem::endpoint::BoxEndpoint;
+use poem_openapi::OpenApiService;
+use sea_orm::DatabaseConnection;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::config::Settings;
+use crate::app::routes::{TITLE, VERSION};
+use crate::messaging::amqp::{Broker, QueueSpec};
+use crate::messaging::consumer::{Consumer, Handler};
+use crate::messaging::outbox::{Housekeeper, Relay};
+use crate::ops::metrics::Metrics;
+use crate::orders::api::OrdersApi;
+use crate::orders::events::OrderEvents;
+use crate::orders::saga::PaymentResultHandler;
+use crate::payments::api::PaymentsApi;
+use crate::payments::handler::PaymentRequestHandler;
+use crate::web::idempotency;
+use crate::{orders, payments};
+
+/// A bounded context, as the process wiring needs to know it.
+pub struct BoundedContext {
+    pub name: &'static str,
+    /// Its schema and the migrator that builds it.
+    pub migrations: migrations::Context,
+    /// The queue it consumes.
+    pub consumes: QueueSpec,
+    /// Starts its background work (outbox relay, consumer, housekeeping and its own) and
+    /// returns its HTTP API, served under `/api`.
+    start: fn(&mut Workers<'_>) -> BoxEndpoint<'static>,
+}
+
+impl BoundedContext {
+    pub fn schema(&self) -> &'static str {
+        self.migrations.schema()
+    }
+
+    pub fn start(&self, workers: &mut Workers<'_>) -> BoxEndpoint<'static> {
+        (self.start)(workers)
+    }
+}
+
+pub const ORDERS: BoundedContext = BoundedContext {
+    name: "orders",
+    migrations: migrations::Context::Orders,
+    consumes: orders::PAYMENT_RESULTS,
+    start: |workers| {
+        let relay_wake = Arc::new(Notify::new());
+        let handler = PaymentResultHandler::new(workers.metrics.clone());
+        workers.messaging(&ORDERS, &relay_wake, handler);
+        let events = OrderEvents::default();
+        let listener = events
+            .clone()
+            .run(workers.db.clone(), workers.shutdown.clone());
+        workers.tasks.spawn(listener);
+        let api = OrdersApi::new(
+            workers.db.clone(),
+            relay_wake,
+            events,
+            workers.shutdown.clone(),
+        );
+        OpenApiService::new(api, TITLE, VERSION).into_endpoint()
+    },
+};
+
+pub const PAYMENTS: BoundedContext = BoundedContext {
+    name: "payments",
+    migrations: migrations::Context::Payments,
+    consumes: payments::PAYMENT_REQUESTS,
+    start: |workers| {
+        let relay_wake = Arc::new(Notify::new());
+        let handler = PaymentRequestHandler::new(relay_wake.clone());
+        workers.messaging(&PAYMENTS, &relay_wake, handler);
+        let api = PaymentsApi::new(workers.db.clone());
+        OpenApiService::new(api, TITLE, VERSION).into_endpoint()
+    },
+};
+
+/// Every context of the system.
+pub const ALL: [&BoundedContext; 2] = [&ORDERS, &PAYMENTS];
+
+/// The background tasks of a process, and what they share.
+pub struct Workers<'a> {
+    pub tasks: JoinSet<()>,
+    pub settings: &'a Settings,
+    pub db: &'a DatabaseConnection,
+    pub broker: &'a Broker,
+    pub metrics: &'a Metrics,
+    pub shutdown: &'a CancellationToken,
+}
+
+impl Workers<'_> {
+    /// A context's messaging: the relay and housekeeper of its outbox, the consumer of its
+    /// queue, and the purge of its Idempotency-Keys.
+    fn messaging<H: Handler>(
+        &mut self,
+        context: &BoundedContext,
+        relay_wake: &Arc<Notify>,
+        handler: H,
+    ) {
+        let (db, schema, shutdown) = (self.db, context.schema(), self.shutdown);
+        let relay = Relay::new(
+            db.clone(),
+            schema,
+            self.broker.clone(),
+            relay_wake.clone(),
+            self.settings.relay(),
+        );
+        self.tasks.spawn(relay.run(shutdown.clone()));
+        let housekeeper = Housekeeper::new(db.clone(), schema, self.settings.housekeeping());
+        self.tasks.spawn(housekeeper.run(shutdown.clone()));
+        let purge = idempotency::purge_expired_until(
+            db.clone(),
+            schema,
+            self.settings.housekeeping().interval,
+            shutdown.clone(),
+        );
+        self.tasks.spawn(purge);
+        let consumer = Consumer {
+            broker: self.broker.clone(),
+            queue: context.consumes,
+            db: db.clone(),
+            schema,
+            handler,
+            settings: self.settings.consumer(),
+        };
+        self.tasks.spawn(consumer.run(shutdown.clone()));
+    }
+}

@@ -1,0 +1,250 @@
+//! The process wiring, the only module that knows both contexts: which contexts a role runs,
+//! how they start and stop, and the command line that drives them.
+
+pub mod cli;
+pub mod config;
+pub mod contexts;
+pub mod routes;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use poem::Server;
+use poem::listener::TcpAcceptor;
+use sea_orm::DatabaseConnection;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::cli::{DlqAction, DlqQueue, Role};
+use crate::app::config::Settings;
+use crate::app::contexts::{BoundedContext, Workers};
+use crate::app::routes::Observed;
+use crate::db;
+use crate::messaging::amqp::Broker;
+use crate::messaging::dlq;
+use crate::ops::audit;
+use crate::ops::metrics::Metrics;
+use crate::ops::telemetry::mask_password;
+
+/// How long in-flight HTTP requests and message handlers get to finish on shutdown.
+const GRACE: Duration = Duration::from_secs(8);
+
+pub struct Application {
+    port: u16,
+    db: DatabaseConnection,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    workers: JoinSet<()>,
+}
+
+/// Connects to the database (creating it if needed) and applies the role's migrations.
+pub async fn connect_and_migrate(
+    settings: &Settings,
+    role: Role,
+) -> anyhow::Result<DatabaseConnection> {
+    let db = db::connect(&settings.database_url, settings.db_max_connections)
+        .await
+        .with_context(|| format!("connecting to {}", mask_password(&settings.database_url)))?;
+    for context in role.contexts() {
+        migrations::migrate(&db, context.migrations)
+            .await
+            .with_context(|| format!("migrating the {} schema", context.schema()))?;
+    }
+    Ok(db)
+}
+
+/// Every queue of the system: each process declares them all (see [`Broker::new`]).
+pub fn broker(settings: &Settings) -> Broker {
+    let queues = contexts::ALL.iter().map(|context| context.consumes);
+    Broker::new(settings.broker(), queues.collect())
+}
+
+impl Application {
+    /// Migrates, binds the HTTP port and starts the role's relays and consumers. The broker
+    /// need not be up: relays and consumers connect in the background and keep retrying.
+    pub async fn build(settings: &Settings, role: Role) -> anyhow::Result<Application> {
+        tracing::info!(?role, settings = ?settings, "starting gozon");
+        if settings.message_key == crate::messaging::signing::DEVELOPMENT_KEY {
+            tracing::warn!(
+                "GOZON_MESSAGE_KEY is not set: messages are signed with the public development key"
+            );
+        }
+        let db = connect_and_migrate(settings, role).await?;
+        let metrics = Metrics::default();
+        let broker = broker(settings).with_metrics(metrics.clone());
+        let shutdown = CancellationToken::new();
+        let mut workers = Workers {
+            tasks: JoinSet::new(),
+            settings,
+            db: &db,
+            broker: &broker,
+            metrics: &metrics,
+            shutdown: &shutdown,
+        };
+        let contexts = role.contexts();
+        let apis = contexts
+            .iter()
+            .map(|context| (context.name, context.start(&mut workers)))
+            .collect();
+        let workers = workers.tasks;
+        let observed = Observed {
+            db: db.clone(),
+            links: broker.links().clone(),
+            metrics,
+            schemas: contexts.iter().map(|context| context.schema()).collect(),
+        };
+        let routes = routes::routes(observed, apis, page_folder(settings, role));
+        let (port, server) = serve(settings, routes, &shutdown).await?;
+        tracing::info!(port, ?role, "listening");
+        Ok(Application {
+            port,
+            db,
+            shutdown,
+            server,
+            workers,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Cancel it to stop the application gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Runs until the shutdown token is cancelled, then stops taking requests and deliveries,
+    /// lets in-flight work finish (within [`GRACE`]) and closes broker channels.
+    pub async fn run_until_stopped(mut self) -> anyhow::Result<()> {
+        let server_result = (&mut self.server).await;
+        self.shutdown.cancel();
+        let drained = tokio::time::timeout(GRACE, async {
+            while self.workers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("workers did not stop in time; aborting them");
+            self.workers.abort_all();
+        }
+        self.db.close_by_ref().await.ok();
+        server_result.context("the HTTP server task panicked")??;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The web page's folder, for the role that serves it (`all`), when it exists.
+fn page_folder(settings: &Settings, role: Role) -> Option<std::path::PathBuf> {
+    let dir = (role == Role::All).then(|| settings.static_dir.clone())?;
+    if !dir.is_dir() {
+        tracing::warn!(dir = %dir.display(), "static folder not found; the web page is not served");
+    }
+    Some(dir)
+}
+
+/// Binds the HTTP address and serves `routes` until `shutdown`, then drains within [`GRACE`].
+async fn serve(
+    settings: &Settings,
+    routes: impl poem::Endpoint + 'static,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(u16, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(settings.http_addr)
+        .await
+        .with_context(|| format!("binding {}", settings.http_addr))?;
+    let port = listener.local_addr()?.port();
+    let stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
+            .run_with_graceful_shutdown(routes, stop.cancelled_owned(), Some(GRACE))
+            .await
+    });
+    Ok((port, server))
+}
+
+/// `gozon audit`: prints the report; an error when an invariant is broken.
+pub async fn audit(database_url: &str, settings: &audit::AuditSettings) -> anyhow::Result<()> {
+    let db = db::connect_existing(database_url, 2).await?;
+    let report = audit::audit(&db, settings).await?;
+    println!("{report}");
+    if !report.passed() {
+        anyhow::bail!("broken invariants: {}", report.failed_checks().join("; "));
+    }
+    Ok(())
+}
+
+/// `gozon dlq list|replay`: prints one line per dead letter.
+pub async fn dead_letters(action: DlqAction) -> anyhow::Result<()> {
+    let queue_of = |queue: DlqQueue| -> &'static BoundedContext {
+        match queue {
+            DlqQueue::Payments => &contexts::PAYMENTS,
+            DlqQueue::Orders => &contexts::ORDERS,
+        }
+    };
+    let (letters, verb) = match action {
+        DlqAction::List {
+            queue,
+            limit,
+            settings,
+        } => {
+            let queue = queue_of(queue).consumes;
+            (
+                dlq::list(&broker(&settings), &queue, limit).await?,
+                "dead letter",
+            )
+        }
+        DlqAction::Replay {
+            queue,
+            limit,
+            message_id,
+            settings,
+        } => {
+            let (broker, queue) = (broker(&settings), queue_of(queue).consumes);
+            let replayed = dlq::replay(&broker, &queue, limit, message_id.as_deref()).await?;
+            (replayed, "replayed")
+        }
+    };
+    for letter in &letters {
+        println!(
+            "{verb}: id={} type={} reason={} routing_key={} body={}",
+            letter.message_id.as_deref().unwrap_or("-"),
+            letter.message_type.as_deref().unwrap_or("-"),
+            letter.reason.as_deref().unwrap_or("-"),
+            letter.routing_key.as_deref().unwrap_or("-"),
+            letter.body
+        );
+    }
+    println!("{} message(s)", letters.len());
+    Ok(())
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn shutdown_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let interrupt = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            _ = interrupt => tracing::info!("SIGINT: shutting down"),
+            _ = terminate => tracing::info!("SIGTERM: shutting down"),
+            _ = token.cancelled() => return,
+        }
+        token.cancel();
+    });
+}

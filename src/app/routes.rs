@@ -1,0 +1,129 @@
+//! What a process serves over HTTP: each running context's API under `/api/<context>`, health,
+//! metrics, and for `--role all` the OpenAPI document, Swagger UI and the web page; all wrapped
+//! in request ids, tracing, panic catching and the JSON error envelope.
+
+use std::path::PathBuf;
+
+use poem::endpoint::{BoxEndpoint, StaticFilesEndpoint};
+use poem::http::StatusCode;
+use poem::middleware::{CatchPanic, RequestId, ReuseId, Tracing};
+use poem::web::Json as PoemJson;
+use poem::{EndpointExt, IntoResponse, Response, Route, get, handler};
+use poem_openapi::OpenApiService;
+use sea_orm::DatabaseConnection;
+
+use crate::messaging::amqp::BrokerLinks;
+use crate::messaging::outbox;
+use crate::ops::metrics::Metrics;
+use crate::orders::api::OrdersApi;
+use crate::payments::api::PaymentsApi;
+use crate::web::error::{ApiError, error_to_json};
+
+pub const TITLE: &str = "Gozon";
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The API of both contexts, as `--role all` describes it and `openapi.yaml` holds it.
+fn openapi_service() -> OpenApiService<(OrdersApi, PaymentsApi), ()> {
+    let apis = (OrdersApi::spec_only(), PaymentsApi::spec_only());
+    OpenApiService::new(apis, TITLE, VERSION).description(
+        "Orders and payments for an online store. Creating an order answers at once with \
+         status NEW; a saga over RabbitMQ then debits the account exactly once and moves the \
+         order to FINISHED or CANCELLED.",
+    )
+}
+
+/// The spec as YAML, without a database: what `gozon openapi` prints.
+pub fn openapi_yaml() -> String {
+    openapi_service().spec_yaml()
+}
+
+/// The routes of a process. `apis` are the running contexts' APIs by context name; `page`, the
+/// folder of the web page, is given only to `--role all`, which also serves the API docs.
+pub fn routes(
+    observed: Observed,
+    apis: Vec<(&'static str, BoxEndpoint<'static>)>,
+    page: Option<PathBuf>,
+) -> impl poem::Endpoint {
+    let mut route = Route::new()
+        .at("/health/live", get(live))
+        .at("/health/ready", get(ready).data(observed.clone()))
+        .at("/metrics", get(metrics).data(observed));
+    // Operation paths already start with /api/<context>, so the prefix is not stripped.
+    for (context, api) in apis {
+        route = route.nest_no_strip(format!("/api/{context}"), api);
+    }
+    if let Some(dir) = page {
+        let docs = openapi_service();
+        route = route
+            .at("/openapi.json", docs.spec_endpoint())
+            .nest("/docs", docs.swagger_ui())
+            .nest("/", StaticFilesEndpoint::new(dir).index_file("index.html"));
+    }
+    route
+        .catch_all_error(error_to_json)
+        .with(CatchPanic::new().with_handler(|_| ApiError::internal().into_response()))
+        .with(Tracing)
+        .with(RequestId::default().reuse_id(ReuseId::Use))
+}
+
+#[handler]
+fn live() -> PoemJson<serde_json::Value> {
+    PoemJson(serde_json::json!({"status": "ok"}))
+}
+
+/// What the operational endpoints look at: the database, the broker links, the metrics, and the
+/// schemas whose outboxes this process publishes.
+#[derive(Clone)]
+pub struct Observed {
+    pub db: DatabaseConnection,
+    pub links: BrokerLinks,
+    pub metrics: Metrics,
+    pub schemas: Vec<&'static str>,
+}
+
+/// Ready when the database answers and every relay and consumer of this process is connected
+/// to the broker.
+#[handler]
+async fn ready(observed: poem::web::Data<&Observed>) -> Response {
+    if let Err(error) = observed.db.ping().await {
+        tracing::warn!(%error, "not ready: database unreachable");
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "the database is unreachable",
+        )
+        .into_response();
+    }
+    let down = observed.links.down();
+    if !down.is_empty() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            format!("not connected to the broker: {}", down.join(", ")),
+        )
+        .into_response();
+    }
+    PoemJson(serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// Prometheus text format. Outbox backlogs are measured now; if the database cannot be read
+/// they keep their last value.
+#[handler]
+async fn metrics(observed: poem::web::Data<&Observed>) -> Response {
+    for schema in &observed.schemas {
+        match outbox::backlog(&observed.db, schema).await {
+            Ok(backlog) => {
+                observed
+                    .metrics
+                    .outbox_backlog(schema, backlog.unsent, backlog.oldest_age_secs)
+            }
+            Err(error) => tracing::warn!(schema, %error, "cannot measure the outbox backlog"),
+        }
+    }
+    match observed.metrics.encode() {
+        Ok(text) => text
+            .with_content_type("text/plain; version=0.0.4; charset=utf-8")
+            .into_response(),
+        Err(_) => ApiError::internal().into_response(),
+    }
+}

@@ -1,0 +1,7 @@
+//! The HTTP kit every context's API is built with: the JSON error envelope and the response
+//! type that declares an endpoint's statuses, parameter parsing, and idempotent POSTs. It knows
+//! no context; the wiring in `app` mounts the contexts' APIs.
+
+pub mod error;
+pub mod idempotency;
+pub mod params;
