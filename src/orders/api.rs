@@ -20,7 +20,7 @@ use crate::orders::{OrdersError, SCHEMA, saga, store};
 use crate::statuses;
 use crate::web::error::{ApiError, Reply};
 use crate::web::idempotency::IdempotentPost;
-use crate::web::params::{invalid, parse_amount, parse_idempotency_key, parse_user_id};
+use crate::web::params::{invalid, parse_amount, parse_user_id};
 
 #[derive(Tags)]
 enum Tag {
@@ -185,15 +185,11 @@ fn correlation_id(request: &poem::Request) -> String {
     }
 }
 
-#[OpenApi]
+#[OpenApi(prefix_path = "/api/orders", tag = "Tag::Orders")]
 impl OrdersApi {
     /// Place an order. Answers at once with status NEW; Payments then debits the user's
     /// account and the order becomes FINISHED, or CANCELLED with a reason.
-    #[oai(
-        path = "/api/orders/create_order",
-        method = "post",
-        tag = "Tag::Orders"
-    )]
+    #[oai(path = "/create_order", method = "post")]
     async fn create_order(
         &self,
         request: &poem::Request,
@@ -207,7 +203,6 @@ impl OrdersApi {
         let create = async {
             let user = parse_user_id(&user_id)?;
             let amount = parse_amount(&amount)?;
-            let key = parse_idempotency_key(idempotency_key.as_deref())?;
             let correlation_id = correlation_id(request);
             let place = async |txn: &DatabaseTransaction| {
                 let order = saga::place_order(txn, &user, amount, &correlation_id).await?;
@@ -215,7 +210,7 @@ impl OrdersApi {
             };
             let fingerprint = format!("user_id={user}&amount={amount}");
             let order = CREATE
-                .run(&self.db, key.as_ref(), &fingerprint, place)
+                .run(&self.db, idempotency_key.as_deref(), &fingerprint, place)
                 .await?;
             self.relay_wake.notify_one();
             Ok::<_, ApiError>(order)
@@ -224,7 +219,7 @@ impl OrdersApi {
     }
 
     /// Read one order and its status.
-    #[oai(path = "/api/orders/order", method = "get", tag = "Tag::Orders")]
+    #[oai(path = "/order", method = "get")]
     async fn order(&self, id: Query<String>) -> Reply<Json<OrderBody>, GetOrder> {
         let find = async {
             let id = OrderId::parse(&id).map_err(|error| invalid("invalid_order_id", error))?;
@@ -235,7 +230,7 @@ impl OrdersApi {
     }
 
     /// List a user's orders, newest first.
-    #[oai(path = "/api/orders/orders", method = "get", tag = "Tag::Orders")]
+    #[oai(path = "/orders", method = "get")]
     async fn orders(&self, user_id: Query<String>) -> Reply<Json<OrderListBody>, ListOrders> {
         let list = async {
             let orders = store::list_orders(&self.db, &parse_user_id(&user_id)?).await?;
@@ -248,7 +243,7 @@ impl OrdersApi {
 
     /// Follow a user's orders live (Server-Sent Events): each change of one of their orders
     /// arrives as it is committed.
-    #[oai(path = "/api/orders/events", method = "get", tag = "Tag::Orders")]
+    #[oai(path = "/events", method = "get")]
     async fn events(&self, user_id: Query<String>) -> Reply<OrderStream, FollowOrders> {
         parse_user_id(&user_id)
             .map(|user| {

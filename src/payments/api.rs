@@ -11,7 +11,7 @@ use crate::payments::{PaymentsError, SCHEMA, store};
 use crate::statuses;
 use crate::web::error::{ApiError, Reply};
 use crate::web::idempotency::IdempotentPost;
-use crate::web::params::{parse_amount, parse_idempotency_key, parse_user_id};
+use crate::web::params::{parse_amount, parse_user_id};
 
 #[derive(Tags)]
 enum Tag {
@@ -166,14 +166,10 @@ const ADD_FUNDS: IdempotentPost = IdempotentPost {
     status: StatusCode::OK,
 };
 
-#[OpenApi]
+#[OpenApi(prefix_path = "/api/payments", tag = "Tag::Payments")]
 impl PaymentsApi {
     /// Create an account with balance 0.00.
-    #[oai(
-        path = "/api/payments/create_account",
-        method = "post",
-        tag = "Tag::Payments"
-    )]
+    #[oai(path = "/create_account", method = "post")]
     async fn create_account(
         &self,
         user_id: Query<String>,
@@ -183,7 +179,6 @@ impl PaymentsApi {
     ) -> Reply<Json<AccountBody>, CreateAccount> {
         let open = async {
             let user = parse_user_id(&user_id)?;
-            let key = parse_idempotency_key(idempotency_key.as_deref())?;
             let create = async |txn: &DatabaseTransaction| {
                 let account = store::create_account(txn, &user).await?;
                 Ok(AccountBody::from(
@@ -192,7 +187,7 @@ impl PaymentsApi {
             };
             let fingerprint = format!("user_id={user}");
             CREATE_ACCOUNT
-                .run(&self.db, key.as_ref(), &fingerprint, create)
+                .run(&self.db, idempotency_key.as_deref(), &fingerprint, create)
                 .await
         };
         open.await.map(Json).into()
@@ -200,11 +195,7 @@ impl PaymentsApi {
 
     /// Add money to an account. `amount` is a decimal such as `200` or `12.50`: greater than
     /// 0, at most 2 decimals, at most 1000000000.00.
-    #[oai(
-        path = "/api/payments/add_funds",
-        method = "post",
-        tag = "Tag::Payments"
-    )]
+    #[oai(path = "/add_funds", method = "post")]
     async fn add_funds(
         &self,
         user_id: Query<String>,
@@ -216,7 +207,6 @@ impl PaymentsApi {
         let top_up = async {
             let user = parse_user_id(&user_id)?;
             let amount = parse_amount(&amount)?;
-            let key = parse_idempotency_key(idempotency_key.as_deref())?;
             let credit =
                 async |txn: &DatabaseTransaction| match store::top_up(txn, &user, amount).await? {
                     store::TopUp::Credited(account) => Ok(AccountBody::from(account)),
@@ -225,14 +215,14 @@ impl PaymentsApi {
                 };
             let fingerprint = format!("user_id={user}&amount={amount}");
             ADD_FUNDS
-                .run(&self.db, key.as_ref(), &fingerprint, credit)
+                .run(&self.db, idempotency_key.as_deref(), &fingerprint, credit)
                 .await
         };
         top_up.await.map(Json).into()
     }
 
     /// Read an account's balance.
-    #[oai(path = "/api/payments/balance", method = "get", tag = "Tag::Payments")]
+    #[oai(path = "/balance", method = "get")]
     async fn balance(&self, user_id: Query<String>) -> Reply<Json<AccountBody>, Balance> {
         let read = async {
             let account = self.account(&user_id).await?;
@@ -242,11 +232,7 @@ impl PaymentsApi {
     }
 
     /// Read an account's ledger: every top-up and debit, newest first.
-    #[oai(
-        path = "/api/payments/transactions",
-        method = "get",
-        tag = "Tag::Payments"
-    )]
+    #[oai(path = "/transactions", method = "get")]
     async fn transactions(&self, user_id: Query<String>) -> Reply<Json<LedgerBody>, Ledger> {
         let read = async {
             let account = self.account(&user_id).await?;

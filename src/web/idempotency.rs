@@ -14,6 +14,7 @@ use sea_orm::{
 use tokio_util::sync::CancellationToken;
 
 use crate::web::error::ApiError;
+use crate::web::params::invalid;
 
 /// How long a key is remembered.
 pub const RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
@@ -34,6 +35,14 @@ impl IdempotencyKey {
         }
         Ok(IdempotencyKey(text.to_owned()))
     }
+}
+
+/// Parses the optional `Idempotency-Key` header.
+fn parse_idempotency_key(header: Option<&str>) -> Result<Option<IdempotencyKey>, ApiError> {
+    header
+        .map(IdempotencyKey::parse)
+        .transpose()
+        .map_err(|error| invalid("invalid_idempotency_key", error))
 }
 
 /// What to do with a request that carries a key.
@@ -174,14 +183,14 @@ pub struct IdempotentPost {
 }
 
 impl IdempotentPost {
-    /// One request, exactly once per key: in one transaction, claims the key (when there is
-    /// one), runs `effect`, stores its response and commits. A retry with the same key and
+    /// One request, exactly once per key: parses the `Idempotency-Key` header (400 if it is
+    /// malformed), then in one transaction claims the key (when there is one), runs `effect`, stores its response and commits. A retry with the same key and
     /// `fingerprint` (the request's parameters) gets the stored response and runs nothing; with
     /// other parameters it is refused (422). A failed effect rolls back and leaves the key free.
     pub async fn run<T, F>(
         self,
         db: &DatabaseConnection,
-        key: Option<&IdempotencyKey>,
+        key_header: Option<&str>,
         fingerprint: &str,
         effect: F,
     ) -> Result<T, ApiError>
@@ -192,8 +201,9 @@ impl IdempotentPost {
         let Self {
             schema, endpoint, ..
         } = self;
+        let key = parse_idempotency_key(key_header)?;
         let txn = db.begin().await?;
-        if let Some(key) = key {
+        if let Some(key) = &key {
             match claim(&txn, schema, endpoint, key, fingerprint).await? {
                 Claim::Fresh => {}
                 Claim::Replay(body) => return replayed(endpoint, body),
@@ -207,7 +217,7 @@ impl IdempotentPost {
             }
         }
         let response = effect(&txn).await?;
-        if let Some(key) = key {
+        if let Some(key) = &key {
             let json = response.to_json().unwrap_or(serde_json::Value::Null);
             remember(&txn, schema, endpoint, key, self.status.as_u16(), json).await?;
         }

@@ -1,11 +1,10 @@
-//! Raw query and header text becomes the kernel's types here, once, or a 400 that says why.
+//! Raw query text becomes the kernel's types here, once, or a 400 that says why.
 
 use poem::http::StatusCode;
 
 use crate::kernel::money::Money;
 use crate::kernel::user_id::UserId;
 use crate::web::error::ApiError;
-use crate::web::idempotency::IdempotencyKey;
 
 /// Parses the `user_id` query parameter, or says why it is not one.
 pub fn parse_user_id(text: &str) -> Result<UserId, ApiError> {
@@ -15,14 +14,6 @@ pub fn parse_user_id(text: &str) -> Result<UserId, ApiError> {
 /// Parses the `amount` query parameter, or says why it is not one.
 pub fn parse_amount(text: &str) -> Result<Money, ApiError> {
     Money::parse_amount(text).map_err(|error| invalid("invalid_amount", error))
-}
-
-/// Parses the optional `Idempotency-Key` header.
-pub fn parse_idempotency_key(header: Option<&str>) -> Result<Option<IdempotencyKey>, ApiError> {
-    header
-        .map(IdempotencyKey::parse)
-        .transpose()
-        .map_err(|error| invalid("invalid_idempotency_key", error))
 }
 
 /// A 400 with `code` and the parse error's own words.
