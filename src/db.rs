@@ -75,8 +75,9 @@ const DUPLICATE_DATABASE: &str = "42P04";
 /// Whether `error` means the database cannot be reached right now, as opposed to a statement
 /// that failed: no connection to be had (refused, pool exhausted or closed), a connection lost
 /// mid-statement (I/O, TLS or protocol failure), or the server saying so by SQLSTATE — class 08
-/// (connection exception), 57P01-57P03 (shutting down, crashed, not accepting connections yet)
-/// or 53300 (too many connections).
+/// (connection exception), 57P01-57P05 (shutting down, crashed, not accepting connections yet,
+/// database dropped, idle session ended), 25P03/25P04 (a transaction timed out and its session
+/// ended) or 53300 (too many connections).
 pub fn is_unavailable(error: &DbErr) -> bool {
     match error {
         DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
@@ -87,7 +88,8 @@ pub fn is_unavailable(error: &DbErr) -> bool {
                 | sqlx::Error::Protocol(_)
                 | sqlx::Error::PoolTimedOut
                 | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed => true,
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::BeginFailed => true,
                 sqlx::Error::Database(error) => error.code().is_some_and(|code| {
                     code.starts_with("08")
                         || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")

@@ -12,7 +12,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let log_format = match &cli.command {
         Command::Serve { settings, .. } | Command::Migrate { settings, .. } => settings.log_format,
-        Command::Openapi { .. } | Command::Audit { .. } | Command::Dlq { .. } => LogFormat::Text,
+        _ => LogFormat::Text,
     };
     telemetry::init(log_format);
     match cli.command {
@@ -38,6 +38,23 @@ async fn main() -> anyhow::Result<()> {
             app::audit(&database_url, &settings).await
         }
         Command::Dlq { action } => app::dead_letters(action).await,
+        Command::Token {
+            sub,
+            scope,
+            ttl,
+            jwt_secret,
+            jwt_private_key,
+        } => {
+            let token = app::mint_token(
+                &sub,
+                scope.as_deref(),
+                ttl,
+                jwt_secret.as_deref(),
+                jwt_private_key.as_deref(),
+            )?;
+            println!("{token}");
+            Ok(())
+        }
         Command::Openapi { output } => match output {
             Some(path) => std::fs::write(&path, routes::openapi_yaml())
                 .with_context(|| format!("writing {}", path.display())),

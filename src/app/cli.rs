@@ -51,6 +51,24 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Mint a bearer token for `--auth jwt` (for tests, Postman, trying the API): signed with
+    /// GOZON_JWT_SECRET (HS256), or with --jwt-private-key (RS256 or ES256).
+    Token {
+        /// The user the token acts for.
+        #[arg(long)]
+        sub: String,
+        /// Space-separated scopes, such as `payments:top_up`.
+        #[arg(long)]
+        scope: Option<String>,
+        /// How long it is valid: `1h`, `15m`, `90s`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        #[arg(long, env = "GOZON_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
+        /// A PEM private key (RSA or EC P-256) to sign with instead of the secret.
+        #[arg(long, env = "GOZON_JWT_PRIVATE_KEY")]
+        jwt_private_key: Option<PathBuf>,
+    },
     /// Print the OpenAPI spec as YAML (what `openapi.yaml` holds), or write it to a file.
     Openapi {
         #[arg(long)]

@@ -6,13 +6,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use jsonwebtoken::{Algorithm, DecodingKey};
 
 use crate::messaging::amqp::BrokerSettings;
 use crate::messaging::consumer::ConsumerSettings;
 use crate::messaging::outbox::{HousekeepingSettings, RelaySettings};
 use crate::messaging::signing::{self, MessageKey};
 use crate::ops::telemetry::{LogFormat, mask_password};
+use crate::web::auth::Authenticator;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/gozon";
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -83,9 +86,80 @@ pub struct Settings {
     /// Log lines as text or as JSON objects.
     #[arg(long, env = "GOZON_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Who may call the API: `none` (anyone acts for any user: the demo) or `jwt` (a bearer
+    /// token's `sub` is the only user a call acts for).
+    #[arg(long, env = "GOZON_AUTH", value_enum, default_value_t = AuthMode::None)]
+    pub auth: AuthMode,
+
+    /// With `--auth jwt`: the HS256 secret tokens are signed with (at least 32 bytes).
+    #[arg(long, env = "GOZON_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// With `--auth jwt`: a PEM public key (RSA for RS256, EC P-256 for ES256) to check tokens
+    /// with, instead of a secret.
+    #[arg(long, env = "GOZON_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// How long an event-stream ticket is valid, in seconds.
+    #[arg(long, env = "GOZON_EVENTS_TICKET_TTL_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub events_ticket_ttl_secs: u64,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    None,
+    Jwt,
+}
+
+/// The shortest HS256 secret accepted.
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
 impl Settings {
+    /// The checker of bearer tokens this configuration asks for; an error for a jwt mode
+    /// without a usable key.
+    pub fn authenticator(&self) -> anyhow::Result<Authenticator> {
+        if self.auth == AuthMode::None {
+            return Ok(Authenticator::open());
+        }
+        let tickets = self.message_key.as_bytes();
+        let ticket_ttl = Duration::from_secs(self.events_ticket_ttl_secs);
+        match (&self.jwt_secret, &self.jwt_public_key) {
+            (Some(_), Some(_)) => {
+                anyhow::bail!("--auth jwt takes GOZON_JWT_SECRET or --jwt-public-key, not both")
+            }
+            (None, None) => anyhow::bail!(
+                "--auth jwt needs GOZON_JWT_SECRET (HS256) or --jwt-public-key (RS256/ES256)"
+            ),
+            (Some(secret), None) => {
+                if secret.len() < MIN_JWT_SECRET_BYTES {
+                    anyhow::bail!("GOZON_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes");
+                }
+                let key = DecodingKey::from_secret(secret.as_bytes());
+                Ok(Authenticator::jwt(
+                    key,
+                    Algorithm::HS256,
+                    tickets,
+                    ticket_ttl,
+                ))
+            }
+            (None, Some(path)) => {
+                let pem =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let (key, algorithm) = match DecodingKey::from_rsa_pem(&pem) {
+                    Ok(key) => (key, Algorithm::RS256),
+                    Err(_) => (
+                        DecodingKey::from_ec_pem(&pem).with_context(|| {
+                            format!("{} is neither an RSA nor an EC public key", path.display())
+                        })?,
+                        Algorithm::ES256,
+                    ),
+                };
+                Ok(Authenticator::jwt(key, algorithm, tickets, ticket_ttl))
+            }
+        }
+    }
+
     pub fn broker(&self) -> BrokerSettings {
         BrokerSettings {
             url: self.amqp_url.clone(),
@@ -139,6 +213,10 @@ impl fmt::Debug for Settings {
             .field("http_addr", &self.http_addr)
             .field("static_dir", &self.static_dir)
             .field("log_format", &self.log_format)
+            .field("auth", &self.auth)
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
+            .field("jwt_public_key", &self.jwt_public_key)
+            .field("events_ticket_ttl_secs", &self.events_ticket_ttl_secs)
             .finish()
     }
 }

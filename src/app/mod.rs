@@ -25,6 +25,8 @@ use crate::messaging::dlq;
 use crate::ops::audit;
 use crate::ops::metrics::Metrics;
 use crate::ops::telemetry::mask_password;
+use crate::web::auth::Claims;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 /// How long in-flight HTTP requests and message handlers get to finish on shutdown.
 const GRACE: Duration = Duration::from_secs(8);
@@ -69,6 +71,7 @@ impl Application {
                 "GOZON_MESSAGE_KEY is not set: messages are signed with the public development key"
             );
         }
+        let authenticator = settings.authenticator()?;
         let db = connect_and_migrate(settings, role).await?;
         let metrics = Metrics::default();
         let broker = broker(settings).with_metrics(metrics.clone());
@@ -93,7 +96,8 @@ impl Application {
             metrics,
             schemas: contexts.iter().map(|context| context.schema()).collect(),
         };
-        let routes = routes::routes(observed, apis, page_folder(settings, role));
+        let page = page_folder(settings, role);
+        let routes = routes::routes(observed, apis, authenticator, page);
         let (port, server) = serve(settings, routes, &shutdown).await?;
         tracing::info!(port, ?role, "listening");
         Ok(Application {
@@ -175,6 +179,36 @@ pub async fn audit(database_url: &str, settings: &audit::AuditSettings) -> anyho
         anyhow::bail!("broken invariants: {}", report.failed_checks().join("; "));
     }
     Ok(())
+}
+
+/// `gozon token`: a signed token for `sub`, valid `ttl`.
+pub fn mint_token(
+    sub: &str,
+    scope: Option<&str>,
+    ttl: Duration,
+    secret: Option<&str>,
+    private_key: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
+    let claims = Claims::new(sub, scope, ttl);
+    let (key, algorithm) = match (secret, private_key) {
+        (_, Some(path)) => {
+            let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            match EncodingKey::from_rsa_pem(&pem) {
+                Ok(key) => (key, Algorithm::RS256),
+                Err(_) => (EncodingKey::from_ec_pem(&pem)?, Algorithm::ES256),
+            }
+        }
+        (Some(secret), None) => (
+            EncodingKey::from_secret(secret.as_bytes()),
+            Algorithm::HS256,
+        ),
+        (None, None) => anyhow::bail!("set GOZON_JWT_SECRET or --jwt-private-key"),
+    };
+    Ok(jsonwebtoken::encode(
+        &Header::new(algorithm),
+        &claims,
+        &key,
+    )?)
 }
 
 /// `gozon dlq list|replay`: prints one line per dead letter.

@@ -17,6 +17,7 @@ use crate::messaging::outbox;
 use crate::ops::metrics::Metrics;
 use crate::orders::api::OrdersApi;
 use crate::payments::api::PaymentsApi;
+use crate::web::auth::Authenticator;
 use crate::web::error::{ApiError, error_to_json};
 
 pub const TITLE: &str = "Gozon";
@@ -42,12 +43,15 @@ pub fn openapi_yaml() -> String {
 pub fn routes(
     observed: Observed,
     apis: Vec<(&'static str, BoxEndpoint<'static>)>,
+    authenticator: Authenticator,
     page: Option<PathBuf>,
 ) -> impl poem::Endpoint {
     let mut route = Route::new()
         .at("/health/live", get(live))
         .at("/health/ready", get(ready).data(observed.clone()))
         .at("/metrics", get(metrics).data(observed));
+    // Whatever no context serves under /api is 404, whatever the method (not the page's 405).
+    route = route.nest_no_strip("/api", api_not_found);
     // Operation paths already start with /api/<context>, so the prefix is not stripped.
     for (context, api) in apis {
         route = route.nest_no_strip(format!("/api/{context}"), api);
@@ -60,10 +64,16 @@ pub fn routes(
             .nest("/", StaticFilesEndpoint::new(dir).index_file("index.html"));
     }
     route
+        .data(authenticator)
         .catch_all_error(error_to_json)
         .with(CatchPanic::new().with_handler(|_| ApiError::internal().into_response()))
         .with(Tracing)
         .with(RequestId::default().reuse_id(ReuseId::Use))
+}
+
+#[handler]
+fn api_not_found() -> poem::Result<()> {
+    Err(poem::error::NotFoundError.into())
 }
 
 #[handler]

@@ -5,7 +5,11 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-/// 100 ms doubling up to 5 s, jittered, forever.
+/// The longest pause between two attempts.
+pub const MAX_PAUSE: Duration = Duration::from_secs(5);
+
+/// 100 ms doubling, jittered, forever (backon's jitter may add up to the delay itself, so
+/// [`Delays`] caps each pause at [`MAX_PAUSE`]).
 pub fn policy() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
@@ -24,7 +28,7 @@ impl Delays {
 
     /// The pause before the next attempt.
     pub fn next_delay(&mut self) -> Duration {
-        self.0.next().unwrap_or(Duration::from_secs(5))
+        self.0.next().unwrap_or(MAX_PAUSE).min(MAX_PAUSE)
     }
 }
 

@@ -18,9 +18,10 @@ use crate::orders::domain::{Order, OrderId, OrderStatus};
 use crate::orders::events::OrderEvents;
 use crate::orders::{OrdersError, SCHEMA, saga, store};
 use crate::statuses;
+use crate::web::auth::{Caller, FORBIDDEN_DOC, StreamCaller, UNAUTHORIZED_DOC, issue_ticket};
 use crate::web::error::{ApiError, Reply};
 use crate::web::idempotency::IdempotentPost;
-use crate::web::params::{invalid, parse_amount, parse_user_id};
+use crate::web::params::{invalid, parse_amount};
 
 #[derive(Tags)]
 enum Tag {
@@ -138,6 +139,8 @@ impl From<OrdersError> for ApiError {
 statuses!(CreateOrder:
     201 => "The order, with status NEW; its payment runs in the background.",
     400 => "`user_id`, `amount` or `Idempotency-Key` is missing or malformed.",
+    401 => UNAUTHORIZED_DOC,
+    403 => FORBIDDEN_DOC,
     422 => "The Idempotency-Key was used before with other parameters (`idempotency_key_reused`).",
     500 => "",
     503 => "The database is unreachable; retry later.",
@@ -146,7 +149,8 @@ statuses!(CreateOrder:
 statuses!(GetOrder:
     200 => "The order and its status.",
     400 => "`id` is missing or not a UUID.",
-    404 => "No order has this id (`order_not_found`).",
+    401 => UNAUTHORIZED_DOC,
+    404 => "No order has this id, or none the token's user may see (`order_not_found`).",
     500 => "",
     503 => "The database is unreachable; retry later.",
 );
@@ -154,6 +158,8 @@ statuses!(GetOrder:
 statuses!(ListOrders:
     200 => "The user's orders, newest first; an empty list if none.",
     400 => "`user_id` is missing or malformed.",
+    401 => UNAUTHORIZED_DOC,
+    403 => FORBIDDEN_DOC,
     500 => "",
     503 => "The database is unreachable; retry later.",
 );
@@ -163,7 +169,24 @@ statuses!(FollowOrders:
             FINISHED, CANCELLED), its data the order as JSON. The stream may end (a slow reader, a\n\
             restart): reconnect and re-read the list.",
     400 => "`user_id` is missing or malformed.",
+    401 => UNAUTHORIZED_DOC,
+    403 => FORBIDDEN_DOC,
 );
+
+statuses!(EventsTicket:
+    200 => "A ticket for `GET /api/orders/events?ticket=...`, valid 60 s, for the token's user.",
+    401 => UNAUTHORIZED_DOC,
+    404 => "The server runs with `--auth none`: streams need no ticket (`auth_disabled`).",
+);
+
+/// A short-lived ticket that opens the caller's event stream (an EventSource cannot send an
+/// Authorization header).
+#[derive(Debug, Object)]
+pub struct TicketBody {
+    pub ticket: String,
+    /// Seconds until it expires.
+    pub expires_in: u64,
+}
 
 type OrderStream = EventStream<BoxStream<'static, OrderBody>>;
 
@@ -192,6 +215,7 @@ impl OrdersApi {
     #[oai(path = "/create_order", method = "post")]
     async fn create_order(
         &self,
+        caller: Caller,
         request: &poem::Request,
         user_id: Query<String>,
         amount: Query<String>,
@@ -201,7 +225,7 @@ impl OrdersApi {
         idempotency_key: Header<Option<String>>,
     ) -> Reply<Json<OrderBody>, CreateOrder> {
         let create = async {
-            let user = parse_user_id(&user_id)?;
+            let user = caller.acting_for(&user_id)?;
             let amount = parse_amount(&amount)?;
             let correlation_id = correlation_id(request);
             let place = async |txn: &DatabaseTransaction| {
@@ -210,7 +234,13 @@ impl OrdersApi {
             };
             let fingerprint = format!("user_id={user}&amount={amount}");
             let order = CREATE
-                .run(&self.db, idempotency_key.as_deref(), &fingerprint, place)
+                .run(
+                    &self.db,
+                    &caller,
+                    idempotency_key.as_deref(),
+                    &fingerprint,
+                    place,
+                )
                 .await?;
             self.relay_wake.notify_one();
             Ok::<_, ApiError>(order)
@@ -220,10 +250,12 @@ impl OrdersApi {
 
     /// Read one order and its status.
     #[oai(path = "/order", method = "get")]
-    async fn order(&self, id: Query<String>) -> Reply<Json<OrderBody>, GetOrder> {
+    async fn order(&self, caller: Caller, id: Query<String>) -> Reply<Json<OrderBody>, GetOrder> {
         let find = async {
             let id = OrderId::parse(&id).map_err(|error| invalid("invalid_order_id", error))?;
             let order = store::find_order(&self.db, id).await?;
+            // Someone else's order is answered as if it did not exist.
+            let order = order.filter(|order| caller.may_read(&order.user_id));
             order.ok_or_else(|| ApiError::from(OrdersError::OrderNotFound))
         };
         find.await.map(|order| Json(order.into())).into()
@@ -231,9 +263,13 @@ impl OrdersApi {
 
     /// List a user's orders, newest first.
     #[oai(path = "/orders", method = "get")]
-    async fn orders(&self, user_id: Query<String>) -> Reply<Json<OrderListBody>, ListOrders> {
+    async fn orders(
+        &self,
+        caller: Caller,
+        user_id: Query<String>,
+    ) -> Reply<Json<OrderListBody>, ListOrders> {
         let list = async {
-            let orders = store::list_orders(&self.db, &parse_user_id(&user_id)?).await?;
+            let orders = store::list_orders(&self.db, &caller.acting_for(&user_id)?).await?;
             Ok::<_, ApiError>(OrderListBody {
                 orders: orders.into_iter().map(OrderBody::from).collect(),
             })
@@ -244,11 +280,41 @@ impl OrdersApi {
     /// Follow a user's orders live (Server-Sent Events): each change of one of their orders
     /// arrives as it is committed.
     #[oai(path = "/events", method = "get")]
-    async fn events(&self, user_id: Query<String>) -> Reply<OrderStream, FollowOrders> {
-        parse_user_id(&user_id)
+    async fn events(
+        &self,
+        caller: StreamCaller,
+        user_id: Query<String>,
+        /// With `--auth jwt`: a ticket from `POST /api/orders/events/ticket` (an EventSource
+        /// cannot send an Authorization header).
+        #[oai(name = "ticket")]
+        _ticket: Query<Option<String>>,
+        /// With `--auth jwt`: the bearer token itself, where a ticket cannot be fetched.
+        #[oai(name = "access_token")]
+        _access_token: Query<Option<String>>,
+    ) -> Reply<OrderStream, FollowOrders> {
+        caller
+            .0
+            .acting_for(&user_id)
             .map(|user| {
                 let stream = self.events.follow(user, self.shutdown.clone());
                 EventStream::new(stream.map(OrderBody::from).boxed()).keep_alive(EVENTS_KEEP_ALIVE)
+            })
+            .into()
+    }
+
+    /// A ticket that opens the caller's event stream for 60 s (`--auth jwt` only).
+    #[oai(path = "/events/ticket", method = "post")]
+    async fn events_ticket(
+        &self,
+        caller: Caller,
+        request: &poem::Request,
+    ) -> Reply<Json<TicketBody>, EventsTicket> {
+        issue_ticket(request, &caller)
+            .map(|(ticket, ttl)| {
+                Json(TicketBody {
+                    ticket,
+                    expires_in: ttl.as_secs(),
+                })
             })
             .into()
     }

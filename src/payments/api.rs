@@ -9,9 +9,10 @@ use sea_orm::{DatabaseConnection, DatabaseTransaction};
 use crate::payments::domain::{Account, EntryKind, LedgerEntry};
 use crate::payments::{PaymentsError, SCHEMA, store};
 use crate::statuses;
+use crate::web::auth::{Caller, FORBIDDEN_DOC, TOP_UP_SCOPE, UNAUTHORIZED_DOC};
 use crate::web::error::{ApiError, Reply};
 use crate::web::idempotency::IdempotentPost;
-use crate::web::params::{parse_amount, parse_user_id};
+use crate::web::params::parse_amount;
 
 #[derive(Tags)]
 enum Tag {
@@ -120,6 +121,8 @@ impl From<PaymentsError> for ApiError {
 statuses!(CreateAccount:
     201 => "The new account, with balance 0.00.",
     400 => "`user_id` or `Idempotency-Key` is missing or malformed.",
+    401 => UNAUTHORIZED_DOC,
+    403 => FORBIDDEN_DOC,
     409 => "The user already has an account (`account_exists`).",
     422 => "The Idempotency-Key was used before with another user id (`idempotency_key_reused`).",
     500 => "",
@@ -129,6 +132,9 @@ statuses!(CreateAccount:
 statuses!(AddFunds:
     200 => "The account with its new balance.",
     400 => "`user_id`, `amount` or `Idempotency-Key` is missing or malformed.",
+    401 => UNAUTHORIZED_DOC,
+    403 => "With `--auth jwt`: the token does not act for this user (`forbidden`), or lacks the\n\
+            `payments:top_up` scope (`insufficient_scope`).",
     404 => "The user has no account (`account_not_found`).",
     422 => "The balance would exceed what an account can hold (`balance_limit_exceeded`), or the\n\
             Idempotency-Key was used before with other parameters (`idempotency_key_reused`).",
@@ -139,6 +145,8 @@ statuses!(AddFunds:
 statuses!(Balance:
     200 => "The account and its balance.",
     400 => "`user_id` is missing or malformed.",
+    401 => UNAUTHORIZED_DOC,
+    403 => FORBIDDEN_DOC,
     404 => "The user has no account (`account_not_found`).",
     500 => "",
     503 => "The database is unreachable; retry later.",
@@ -147,6 +155,8 @@ statuses!(Balance:
 statuses!(Ledger:
     200 => "The account's balance changes, newest first (at most 1000).",
     400 => "`user_id` is missing or malformed.",
+    401 => UNAUTHORIZED_DOC,
+    403 => FORBIDDEN_DOC,
     404 => "The user has no account (`account_not_found`).",
     500 => "",
     503 => "The database is unreachable; retry later.",
@@ -172,13 +182,14 @@ impl PaymentsApi {
     #[oai(path = "/create_account", method = "post")]
     async fn create_account(
         &self,
+        caller: Caller,
         user_id: Query<String>,
         /// Optional: a retry with the same key gets the first response and creates nothing.
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
     ) -> Reply<Json<AccountBody>, CreateAccount> {
         let open = async {
-            let user = parse_user_id(&user_id)?;
+            let user = caller.acting_for(&user_id)?;
             let create = async |txn: &DatabaseTransaction| {
                 let account = store::create_account(txn, &user).await?;
                 Ok(AccountBody::from(
@@ -187,7 +198,13 @@ impl PaymentsApi {
             };
             let fingerprint = format!("user_id={user}");
             CREATE_ACCOUNT
-                .run(&self.db, idempotency_key.as_deref(), &fingerprint, create)
+                .run(
+                    &self.db,
+                    &caller,
+                    idempotency_key.as_deref(),
+                    &fingerprint,
+                    create,
+                )
                 .await
         };
         open.await.map(Json).into()
@@ -198,6 +215,7 @@ impl PaymentsApi {
     #[oai(path = "/add_funds", method = "post")]
     async fn add_funds(
         &self,
+        caller: Caller,
         user_id: Query<String>,
         amount: Query<String>,
         /// Optional: a retry with the same key gets the first response and adds nothing.
@@ -205,7 +223,7 @@ impl PaymentsApi {
         idempotency_key: Header<Option<String>>,
     ) -> Reply<Json<AccountBody>, AddFunds> {
         let top_up = async {
-            let user = parse_user_id(&user_id)?;
+            let user = caller.acting_with_scope(&user_id, TOP_UP_SCOPE)?;
             let amount = parse_amount(&amount)?;
             let credit =
                 async |txn: &DatabaseTransaction| match store::top_up(txn, &user, amount).await? {
@@ -215,7 +233,13 @@ impl PaymentsApi {
                 };
             let fingerprint = format!("user_id={user}&amount={amount}");
             ADD_FUNDS
-                .run(&self.db, idempotency_key.as_deref(), &fingerprint, credit)
+                .run(
+                    &self.db,
+                    &caller,
+                    idempotency_key.as_deref(),
+                    &fingerprint,
+                    credit,
+                )
                 .await
         };
         top_up.await.map(Json).into()
@@ -223,9 +247,13 @@ impl PaymentsApi {
 
     /// Read an account's balance.
     #[oai(path = "/balance", method = "get")]
-    async fn balance(&self, user_id: Query<String>) -> Reply<Json<AccountBody>, Balance> {
+    async fn balance(
+        &self,
+        caller: Caller,
+        user_id: Query<String>,
+    ) -> Reply<Json<AccountBody>, Balance> {
         let read = async {
-            let account = self.account(&user_id).await?;
+            let account = self.account(&caller, &user_id).await?;
             Ok::<_, ApiError>(Json(AccountBody::from(account)))
         };
         read.await.into()
@@ -233,9 +261,13 @@ impl PaymentsApi {
 
     /// Read an account's ledger: every top-up and debit, newest first.
     #[oai(path = "/transactions", method = "get")]
-    async fn transactions(&self, user_id: Query<String>) -> Reply<Json<LedgerBody>, Ledger> {
+    async fn transactions(
+        &self,
+        caller: Caller,
+        user_id: Query<String>,
+    ) -> Reply<Json<LedgerBody>, Ledger> {
         let read = async {
-            let account = self.account(&user_id).await?;
+            let account = self.account(&caller, &user_id).await?;
             let entries = store::ledger(&self.db, &account.user_id, LEDGER_LIMIT).await?;
             Ok::<_, ApiError>(Json(LedgerBody {
                 user_id: account.user_id.to_string(),
@@ -249,8 +281,8 @@ impl PaymentsApi {
 
 impl PaymentsApi {
     /// The account of the `user_id` parameter, or why there is none.
-    async fn account(&self, user_id: &str) -> Result<Account, ApiError> {
-        let user = parse_user_id(user_id)?;
+    async fn account(&self, caller: &Caller, user_id: &str) -> Result<Account, ApiError> {
+        let user = caller.acting_for(user_id)?;
         let account = store::find_account(&self.db, &user).await?;
         Ok(account.ok_or(PaymentsError::AccountNotFound)?)
     }

@@ -20,11 +20,13 @@ pub struct ErrorBody {
     pub message: String,
 }
 
-/// An error on its way out of a handler: a status and the envelope.
-#[derive(Debug)]
+/// An error on its way out of a handler: a status, the envelope, and any headers it needs
+/// (`WWW-Authenticate`, `Retry-After`).
+#[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
     pub body: ErrorBody,
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl ApiError {
@@ -35,7 +37,13 @@ impl ApiError {
                 error: code.to_owned(),
                 message: message.into(),
             },
+            headers: Vec::new(),
         }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> ApiError {
+        self.headers.push((name, value.into()));
+        self
     }
 
     /// A failure of ours: the cause goes to the log once, the client learns nothing of it.
@@ -65,6 +73,9 @@ impl ApiError {
     /// A request refused before a handler ran: a missing or mistyped parameter (poem-openapi's
     /// own check), an unknown path, a wrong method.
     pub fn from_rejected_request(error: &poem::Error) -> ApiError {
+        if let Some(Refused(refusal)) = error.downcast_ref::<Refused>() {
+            return refusal.clone();
+        }
         // poem-openapi says "expects an input value" when a required parameter is absent.
         if let Some(param) = error.downcast_ref::<poem_openapi::error::ParseParamError>() {
             return if param.reason.contains("expects an input value") {
@@ -95,6 +106,18 @@ impl ApiError {
     }
 }
 
+/// A request an extractor refused, carrying the answer to give (401 for a bad token, say).
+#[derive(Debug)]
+pub struct Refused(pub ApiError);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.body.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 impl From<DbErr> for ApiError {
     fn from(error: DbErr) -> Self {
         ApiError::from_db(&error)
@@ -103,7 +126,13 @@ impl From<DbErr> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        PoemJson(self.body).with_status(self.status).into_response()
+        let mut response = PoemJson(self.body).with_status(self.status).into_response();
+        for (name, value) in self.headers {
+            if let Ok(value) = poem::http::HeaderValue::from_str(&value) {
+                response.headers_mut().insert(name, value);
+            }
+        }
+        response
     }
 }
 
@@ -123,7 +152,7 @@ pub trait Statuses: Send + 'static {
 /// Declares an endpoint's [`Statuses`] as a unit type: its success, then its errors.
 #[macro_export]
 macro_rules! statuses {
-    ($(#[$meta:meta])* $name:ident: $ok:literal => $ok_doc:literal $(, $status:literal => $doc:literal)* $(,)?) => {
+    ($(#[$meta:meta])* $name:ident: $ok:literal => $ok_doc:expr $(, $status:literal => $doc:expr)* $(,)?) => {
         $(#[$meta])*
         pub struct $name;
         impl $crate::web::error::Statuses for $name {

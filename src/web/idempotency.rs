@@ -13,6 +13,7 @@ use sea_orm::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::web::auth::Caller;
 use crate::web::error::ApiError;
 use crate::web::params::invalid;
 
@@ -183,13 +184,14 @@ pub struct IdempotentPost {
 }
 
 impl IdempotentPost {
-    /// One request, exactly once per key: parses the `Idempotency-Key` header (400 if it is
+    /// One request, exactly once per key (and per user, when the caller has a token): parses the `Idempotency-Key` header (400 if it is
     /// malformed), then in one transaction claims the key (when there is one), runs `effect`, stores its response and commits. A retry with the same key and
     /// `fingerprint` (the request's parameters) gets the stored response and runs nothing; with
     /// other parameters it is refused (422). A failed effect rolls back and leaves the key free.
     pub async fn run<T, F>(
         self,
         db: &DatabaseConnection,
+        caller: &Caller,
         key_header: Option<&str>,
         fingerprint: &str,
         effect: F,
@@ -198,9 +200,16 @@ impl IdempotentPost {
         T: ParseFromJSON + ToJSON,
         F: AsyncFnOnce(&DatabaseTransaction) -> Result<T, ApiError>,
     {
-        let Self {
-            schema, endpoint, ..
-        } = self;
+        let schema = self.schema;
+        // With tokens, keys are per user: one user's key never replays or blocks another's.
+        let scoped;
+        let endpoint = match caller.principal() {
+            Some(principal) => {
+                scoped = format!("{}@{}", self.endpoint, principal.user);
+                scoped.as_str()
+            }
+            None => self.endpoint,
+        };
         let key = parse_idempotency_key(key_header)?;
         let txn = db.begin().await?;
         if let Some(key) = &key {

@@ -1,7 +1,9 @@
 //! The HTTP kit every context's API is built with: the JSON error envelope and the response
-//! type that declares an endpoint's statuses, parameter parsing, and idempotent POSTs. It knows
+//! type that declares an endpoint's statuses, who is calling (auth), parameter parsing, and
+//! idempotent POSTs. It knows
 //! no context; the wiring in `app` mounts the contexts' APIs.
 
+pub mod auth;
 pub mod error;
 pub mod idempotency;
 pub mod params;

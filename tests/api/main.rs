@@ -3,6 +3,7 @@
 
 mod architecture;
 mod audit;
+mod auth;
 mod events;
 mod faults;
 mod fuzz;

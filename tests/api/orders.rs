@@ -113,6 +113,10 @@ async fn unknown_paths_and_methods_answer_in_the_error_envelope() {
     app.get("/api/nowhere", &[])
         .await
         .assert_error(404, "not_found");
+    // Not the web page's 405: nothing is served there, whatever the method.
+    for path in ["/api/nowhere", "/api", "/api/ordersX"] {
+        app.post(path, &[]).await.assert_error(404, "not_found");
+    }
     app.get(
         "/api/orders/create_order",
         &[("user_id", "a"), ("amount", "1")],
