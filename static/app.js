@@ -4,6 +4,7 @@
 "use strict";
 
 const USER_KEY = "gozon.userId";
+const TOKEN_KEY = "gozon.token";
 const USER_ID = /^[A-Za-z0-9._-]{1,64}$/;
 const POLL_MS = 2000;
 const FINAL = new Set(["FINISHED", "CANCELLED"]);
@@ -11,6 +12,8 @@ const REASONS = { no_account: "no account", insufficient_funds: "insufficient fu
 const BADGES = { NEW: "text-bg-warning", FINISHED: "text-bg-success", CANCELLED: "text-bg-danger" };
 
 const state = {
+  mode: "none", // "jwt" when the server asks for bearer tokens (it answers 401 without one)
+  token: null, // in jwt mode: the pasted token, sent on every call
   user: null,
   session: 0, // bumped on every log in and log out: answers meant for an earlier session are dropped
   orders: new Map(), // id -> order, as the server last described it
@@ -40,6 +43,7 @@ async function api(method, path, params = {}, idempotencyKey = null) {
   const query = new URLSearchParams(params).toString();
   const headers = { Accept: "application/json" };
   if (idempotencyKey) headers["Idempotency-Key"] = idempotencyKey;
+  if (state.token) headers.Authorization = `Bearer ${state.token}`;
   let response;
   try {
     response = await fetch(query ? `${path}?${query}` : path, { method, headers, cache: "no-store" });
@@ -156,7 +160,7 @@ function showLogin() {
   $("login-view").classList.remove("d-none");
   $("app-view").classList.add("d-none");
   $("session").classList.add("d-none");
-  $("login-user").focus();
+  $(state.mode === "jwt" ? "login-token" : "login-user").focus();
 }
 
 function showApp() {
@@ -315,9 +319,33 @@ function stopPolling() {
   state.pollTimer = null;
 }
 
-function openStream() {
+// In jwt mode an EventSource cannot send the token: it opens the stream with a short-lived
+// ticket, fetched afresh for every (re)connection.
+async function streamUrl() {
+  const url = `api/orders/events?user_id=${encodeURIComponent(state.user)}`;
+  if (state.mode !== "jwt") return url;
+  const { ticket } = await api("POST", "api/orders/events/ticket");
+  return `${url}&ticket=${encodeURIComponent(ticket)}`;
+}
+
+async function openStream() {
   closeStream();
-  const stream = new EventSource(`api/orders/events?user_id=${encodeURIComponent(state.user)}`);
+  const session = state.session;
+  let url;
+  try {
+    url = await streamUrl();
+  } catch (error) {
+    if (session !== state.session) return;
+    setLive("polling", "warning", `The live stream is down: checking every ${POLL_MS / 1000} s until it is back.`);
+    startPolling();
+    state.reopenTimer = setTimeout(() => {
+      state.reopenTimer = null;
+      if (session === state.session) openStream();
+    }, POLL_MS);
+    return;
+  }
+  if (session !== state.session) return;
+  const stream = new EventSource(url);
   state.stream = stream;
   stream.onopen = () => {
     if (state.stream !== stream) return;
@@ -372,9 +400,11 @@ function resetSession(user) {
   clearAlerts();
 }
 
-function login(user) {
+function login(user, token = null) {
   resetSession(user);
+  state.token = token;
   localStorage.setItem(USER_KEY, user);
+  if (token) localStorage.setItem(TOKEN_KEY, token);
   showApp();
   $("account-loading").textContent = "Loading…";
   showBalance(undefined);
@@ -388,8 +418,11 @@ function login(user) {
 function logout() {
   const user = state.user;
   resetSession(null);
+  state.token = null;
   localStorage.removeItem(USER_KEY);
+  localStorage.removeItem(TOKEN_KEY);
   $("login-user").value = user || "";
+  $("login-token").value = "";
   showLogin();
 }
 
@@ -404,6 +437,10 @@ async function busy(button, work) {
 
 $("login-form").addEventListener("submit", (event) => {
   event.preventDefault();
+  if (state.mode === "jwt") {
+    logInWithToken();
+    return;
+  }
   const input = $("login-user");
   const user = input.value.trim();
   if (!USER_ID.test(user)) {
@@ -427,6 +464,58 @@ function whyNotUserId(user) {
 }
 
 $("login-user").addEventListener("input", () => $("login-user").classList.remove("is-invalid"));
+$("login-token").addEventListener("input", () => $("login-token").classList.remove("is-invalid"));
+
+// The user a token acts for: its `sub`, read (not verified: the server does that) from the
+// middle part of the JWT. Null when the text is not such a token.
+function tokenSubject(token) {
+  const parts = token.split(".");
+  if (parts.length !== 3) return null;
+  try {
+    const json = atob(parts[1].replace(/-/g, "+").replace(/_/g, "/"));
+    const claims = JSON.parse(json);
+    return typeof claims.sub === "string" && USER_ID.test(claims.sub) ? claims.sub : null;
+  } catch (e) {
+    return null;
+  }
+}
+
+function logInWithToken() {
+  const input = $("login-token");
+  const token = input.value.trim();
+  const user = tokenSubject(token);
+  if (!user) {
+    input.classList.add("is-invalid");
+    $("token-error").textContent = token
+      ? "This is not a token this page can read: a JWT of three dot-separated parts whose payload names a user in `sub`."
+      : "Paste your access token.";
+    input.focus();
+    return;
+  }
+  input.classList.remove("is-invalid");
+  login(user, token);
+}
+
+// Whether the server asks for tokens: a list read without one is refused (401) in jwt mode.
+async function detectMode() {
+  try {
+    const response = await fetch("api/orders/orders?user_id=probe", {
+      headers: { Accept: "application/json" },
+      cache: "no-store",
+    });
+    return response.status === 401 ? "jwt" : "none";
+  } catch (e) {
+    return "none";
+  }
+}
+
+function applyMode() {
+  const jwt = state.mode === "jwt";
+  $("user-field").classList.toggle("d-none", jwt);
+  $("token-field").classList.toggle("d-none", !jwt);
+  $("login-user").required = !jwt;
+  $("login-token").required = jwt;
+}
 
 $("logout").addEventListener("click", logout);
 
@@ -489,6 +578,19 @@ $("order-form").addEventListener("submit", (event) => {
   });
 });
 
-const saved = localStorage.getItem(USER_KEY);
-if (saved && USER_ID.test(saved)) login(saved);
-else showLogin();
+async function start() {
+  state.mode = await detectMode();
+  applyMode();
+  if (state.mode === "jwt") {
+    const token = localStorage.getItem(TOKEN_KEY);
+    const user = token && tokenSubject(token);
+    if (user) login(user, token);
+    else showLogin();
+    return;
+  }
+  const saved = localStorage.getItem(USER_KEY);
+  if (saved && USER_ID.test(saved)) login(saved);
+  else showLogin();
+}
+
+start();

@@ -124,7 +124,12 @@ impl Settings {
         }
         let tickets = self.message_key.as_bytes();
         let ticket_ttl = Duration::from_secs(self.events_ticket_ttl_secs);
-        match (&self.jwt_secret, &self.jwt_public_key) {
+        // An empty GOZON_JWT_SECRET (compose passes one through unset) is no secret.
+        let secret = self
+            .jwt_secret
+            .as_deref()
+            .filter(|secret| !secret.is_empty());
+        match (secret, &self.jwt_public_key) {
             (Some(_), Some(_)) => {
                 anyhow::bail!("--auth jwt takes GOZON_JWT_SECRET or --jwt-public-key, not both")
             }
