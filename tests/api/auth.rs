@@ -368,15 +368,12 @@ async fn an_rs256_server_takes_rs256_tokens_and_refuses_hs256_ones_made_with_its
     .unwrap();
     let db = env.db().await;
     let before = snapshot(&db).await;
-    let refused = call(
-        &app,
-        Method::POST,
-        "/api/payments/create_account",
-        &[("user_id", "frank")],
-        Some(&bearer(&forged)),
-    )
-    .await;
-    assert_eq!(refused.status, 401, "{}", refused.body);
+    let order = "00000000-0000-4000-8000-000000000000";
+    for (method, path, query) in endpoints("frank", order) {
+        let refused = call(&app, method, path, &query, Some(&bearer(&forged))).await;
+        assert_eq!(refused.status, 401, "{path}: {}", refused.body);
+        assert_eq!(refused.body["error"], "unauthorized");
+    }
     assert_eq!(snapshot(&db).await, before);
 }
 
