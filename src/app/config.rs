@@ -15,7 +15,9 @@ use crate::messaging::consumer::ConsumerSettings;
 use crate::messaging::outbox::{HousekeepingSettings, RelaySettings};
 use crate::messaging::signing::{self, MessageKey};
 use crate::ops::telemetry::{LogFormat, mask_password};
+use crate::orders::events::StreamLimits;
 use crate::web::auth::Authenticator;
+use crate::web::edge::PostLimits;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/gozon";
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -101,6 +103,46 @@ pub struct Settings {
     #[arg(long, env = "GOZON_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
 
+    /// Most HTTP connections open at once; further ones wait to be accepted.
+    #[arg(long, env = "GOZON_HTTP_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub http_max_connections: u32,
+
+    /// Seconds a request may take to arrive once its first byte has (slow clients are cut off).
+    #[arg(long, env = "GOZON_HTTP_REQUEST_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_request_read_timeout_secs: u64,
+
+    /// Seconds a connection may stay silent both ways before it is closed.
+    #[arg(long, env = "GOZON_HTTP_IDLE_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_idle_timeout_secs: u64,
+
+    /// Seconds a handler may take to answer (503 `request_timeout` past it).
+    #[arg(long, env = "GOZON_HTTP_REQUEST_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_request_timeout_secs: u64,
+
+    /// POSTs per second one client address may make (bursts of twice that); 0 for no limit.
+    #[arg(long, env = "GOZON_RATE_LIMIT_PER_CLIENT", default_value_t = 2_000)]
+    pub rate_limit_per_client: u32,
+
+    /// POSTs per second for one `user_id` (bursts of twice that); 0 for no limit.
+    #[arg(long, env = "GOZON_RATE_LIMIT_PER_USER", default_value_t = 100)]
+    pub rate_limit_per_user: u32,
+
+    /// Orders one user may have NEW (awaiting payment) at once; 0 for no limit.
+    #[arg(long, env = "GOZON_MAX_NEW_ORDERS_PER_USER", default_value_t = 1_000)]
+    pub max_new_orders_per_user: u32,
+
+    /// Most order event streams open at once in this process (503 past it).
+    #[arg(long, env = "GOZON_EVENTS_MAX_STREAMS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub events_max_streams: u32,
+
+    /// Most order event streams one user may have open at once (429 past it).
+    #[arg(long, env = "GOZON_EVENTS_MAX_STREAMS_PER_USER", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub events_max_streams_per_user: u32,
+
+    /// Seconds after which an event stream ends (the client reconnects).
+    #[arg(long, env = "GOZON_EVENTS_MAX_STREAM_SECS", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
+    pub events_max_stream_secs: u64,
+
     /// How long an event-stream ticket is valid, in seconds.
     #[arg(long, env = "GOZON_EVENTS_TICKET_TTL_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub events_ticket_ttl_secs: u64,
@@ -116,6 +158,22 @@ pub enum AuthMode {
 pub const MIN_JWT_SECRET_BYTES: usize = 32;
 
 impl Settings {
+    pub fn stream_limits(&self) -> StreamLimits {
+        StreamLimits {
+            total: self.events_max_streams as usize,
+            per_user: self.events_max_streams_per_user as usize,
+            lifetime: Duration::from_secs(self.events_max_stream_secs),
+        }
+    }
+
+    pub fn post_limits(&self) -> PostLimits {
+        let rate = |per_sec: u32| (per_sec > 0).then_some(per_sec);
+        PostLimits::new(
+            rate(self.rate_limit_per_client),
+            rate(self.rate_limit_per_user),
+        )
+    }
+
     /// The checker of bearer tokens this configuration asks for; an error for a jwt mode
     /// without a usable key.
     pub fn authenticator(&self) -> anyhow::Result<Authenticator> {
@@ -222,6 +280,22 @@ impl fmt::Debug for Settings {
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
             .field("jwt_public_key", &self.jwt_public_key)
             .field("events_ticket_ttl_secs", &self.events_ticket_ttl_secs)
+            .field("http_max_connections", &self.http_max_connections)
+            .field(
+                "http_request_read_timeout_secs",
+                &self.http_request_read_timeout_secs,
+            )
+            .field("http_idle_timeout_secs", &self.http_idle_timeout_secs)
+            .field("http_request_timeout_secs", &self.http_request_timeout_secs)
+            .field("rate_limit_per_client", &self.rate_limit_per_client)
+            .field("rate_limit_per_user", &self.rate_limit_per_user)
+            .field("max_new_orders_per_user", &self.max_new_orders_per_user)
+            .field("events_max_streams", &self.events_max_streams)
+            .field(
+                "events_max_streams_per_user",
+                &self.events_max_streams_per_user,
+            )
+            .field("events_max_stream_secs", &self.events_max_stream_secs)
             .finish()
     }
 }

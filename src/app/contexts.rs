@@ -55,13 +55,15 @@ pub const ORDERS: BoundedContext = BoundedContext {
         let relay_wake = Arc::new(Notify::new());
         let handler = PaymentResultHandler::new(workers.metrics.clone());
         workers.messaging(&ORDERS, &relay_wake, handler);
-        let events = OrderEvents::default();
+        let events = OrderEvents::new(workers.settings.stream_limits());
         let listener = events
             .clone()
             .run(workers.db.clone(), workers.shutdown.clone());
         workers.tasks.spawn(listener);
+        let cap = workers.settings.max_new_orders_per_user;
         let api = OrdersApi::new(
             workers.db.clone(),
+            (cap > 0).then_some(cap),
             relay_wake,
             events,
             workers.shutdown.clone(),

@@ -26,6 +26,7 @@ use crate::ops::audit;
 use crate::ops::metrics::Metrics;
 use crate::ops::telemetry::mask_password;
 use crate::web::auth::Claims;
+use crate::web::listener::GuardedAcceptor;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 /// How long in-flight HTTP requests and message handlers get to finish on shutdown.
@@ -96,8 +97,12 @@ impl Application {
             metrics,
             schemas: contexts.iter().map(|context| context.schema()).collect(),
         };
-        let page = page_folder(settings, role);
-        let routes = routes::routes(observed, apis, authenticator, page);
+        let guards = routes::Guards {
+            authenticator,
+            post_limits: settings.post_limits(),
+            request_timeout: Duration::from_secs(settings.http_request_timeout_secs),
+        };
+        let routes = routes::routes(observed, apis, guards, page_folder(settings, role));
         let (port, server) = serve(settings, routes, &shutdown).await?;
         tracing::info!(port, ?role, "listening");
         Ok(Application {
@@ -162,8 +167,14 @@ async fn serve(
         .with_context(|| format!("binding {}", settings.http_addr))?;
     let port = listener.local_addr()?.port();
     let stop = shutdown.clone();
+    let max_connections = settings.http_max_connections as usize;
+    let read_timeout = Duration::from_secs(settings.http_request_read_timeout_secs);
+    let idle_timeout = Duration::from_secs(settings.http_idle_timeout_secs);
     let server = tokio::spawn(async move {
-        Server::new_with_acceptor(TcpAcceptor::from_tokio(listener)?)
+        let acceptor = TcpAcceptor::from_tokio(listener)?;
+        let acceptor = GuardedAcceptor::new(acceptor, max_connections, read_timeout);
+        Server::new_with_acceptor(acceptor)
+            .idle_timeout(idle_timeout)
             .run_with_graceful_shutdown(routes, stop.cancelled_owned(), Some(GRACE))
             .await
     });

@@ -3,12 +3,13 @@
 //! in request ids, tracing, panic catching and the JSON error envelope.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use poem::endpoint::{BoxEndpoint, StaticFilesEndpoint};
 use poem::http::StatusCode;
 use poem::middleware::{CatchPanic, RequestId, ReuseId, Tracing};
 use poem::web::Json as PoemJson;
-use poem::{EndpointExt, IntoResponse, Response, Route, get, handler};
+use poem::{Endpoint, EndpointExt, IntoResponse, Response, Route, get, handler};
 use poem_openapi::OpenApiService;
 use sea_orm::DatabaseConnection;
 
@@ -18,6 +19,7 @@ use crate::ops::metrics::Metrics;
 use crate::orders::api::OrdersApi;
 use crate::payments::api::PaymentsApi;
 use crate::web::auth::Authenticator;
+use crate::web::edge::{self, PostLimits};
 use crate::web::error::{ApiError, error_to_json};
 
 pub const TITLE: &str = "Gozon";
@@ -40,10 +42,17 @@ pub fn openapi_yaml() -> String {
 
 /// The routes of a process. `apis` are the running contexts' APIs by context name; `page`, the
 /// folder of the web page, is given only to `--role all`, which also serves the API docs.
+/// What guards the routes: who may call, how often, how long a handler may take.
+pub struct Guards {
+    pub authenticator: Authenticator,
+    pub post_limits: PostLimits,
+    pub request_timeout: Duration,
+}
+
 pub fn routes(
     observed: Observed,
     apis: Vec<(&'static str, BoxEndpoint<'static>)>,
-    authenticator: Authenticator,
+    guards: Guards,
     page: Option<PathBuf>,
 ) -> impl poem::Endpoint {
     let mut route = Route::new()
@@ -63,12 +72,39 @@ pub fn routes(
             .nest("/docs", docs.swagger_ui())
             .nest("/", StaticFilesEndpoint::new(dir).index_file("index.html"));
     }
+    let Guards {
+        authenticator,
+        post_limits,
+        request_timeout,
+    } = guards;
     route
         .data(authenticator)
         .catch_all_error(error_to_json)
-        .with(CatchPanic::new().with_handler(|_| ApiError::internal().into_response()))
+        .around(move |ep, request| {
+            let refusal = post_limits.check(&request);
+            async move {
+                match refusal {
+                    Some(refusal) => Ok(refusal.into_response()),
+                    None => Ok::<_, poem::Error>(edge::within(&ep, request, request_timeout).await),
+                }
+            }
+        })
+        .with(CatchPanic::new().with_handler(panicked))
         .with(Tracing)
         .with(RequestId::default().reuse_id(ReuseId::Use))
+        .around(|ep, mut request| async move {
+            edge::drop_unsafe_request_id(&mut request);
+            let path = request.uri().path().to_owned();
+            let response = match ep.call(request).await {
+                Ok(response) => response,
+                Err(error) => error.into_response(),
+            };
+            Ok::<_, poem::Error>(edge::secure(&path, response))
+        })
+}
+
+fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::internal().into_response()
 }
 
 #[handler]

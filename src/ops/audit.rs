@@ -35,11 +35,12 @@ pub struct AuditReport {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Sums in minor units, as 128-bit integers: adding up many BIGINT amounts cannot overflow.
 pub struct Totals {
-    pub top_ups_minor: i64,
-    pub balances_minor: i64,
-    pub finished_minor: i64,
-    pub in_flight_debits_minor: i64,
+    pub top_ups_minor: i128,
+    pub balances_minor: i128,
+    pub finished_minor: i128,
+    pub in_flight_debits_minor: i128,
     pub orders: i64,
     pub orders_new: i64,
 }
@@ -60,7 +61,7 @@ impl AuditReport {
     }
 }
 
-fn money(minor: i64) -> String {
+fn money(minor: i128) -> String {
     let sign = if minor < 0 { "-" } else { "" };
     let minor = minor.unsigned_abs();
     format!("{sign}{}.{:02}", minor / 100, minor % 100)
@@ -100,6 +101,20 @@ impl fmt::Display for AuditReport {
             }
         )
     }
+}
+
+/// A sum, added up by PostgreSQL as NUMERIC (exact, unbounded) and read as an i128.
+async fn sum(db: &DatabaseConnection, sql: &str) -> Result<i128, DbErr> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            format!("SELECT coalesce(({sql}), 0)::NUMERIC::TEXT"),
+        ))
+        .await?
+        .ok_or_else(|| DbErr::Custom(format!("no row from {sql}")))?;
+    let text = row.try_get_by_index::<String>(0)?;
+    text.parse()
+        .map_err(|_| DbErr::Custom(format!("{sql} is not a whole number: {text}")))
 }
 
 async fn scalar(db: &DatabaseConnection, sql: &str) -> Result<i64, DbErr> {
@@ -161,17 +176,29 @@ pub async fn audit(
 
 async fn totals(db: &DatabaseConnection) -> Result<Totals, DbErr> {
     Ok(Totals {
-        top_ups_minor: scalar(db, "SELECT coalesce(sum(amount_minor), 0)::BIGINT FROM payments.transactions WHERE kind = 'top_up'").await?,
-        balances_minor: scalar(db, "SELECT coalesce(sum(balance_minor), 0)::BIGINT FROM payments.accounts").await?,
-        finished_minor: scalar(db, "SELECT coalesce(sum(amount_minor), 0)::BIGINT FROM orders.orders WHERE status = 'FINISHED'").await?,
-        in_flight_debits_minor: scalar(
+        top_ups_minor: sum(
             db,
-            "SELECT coalesce(sum(t.amount_minor), 0)::BIGINT FROM payments.transactions t \
+            "SELECT sum(amount_minor) FROM payments.transactions WHERE kind = 'top_up'",
+        )
+        .await?,
+        balances_minor: sum(db, "SELECT sum(balance_minor) FROM payments.accounts").await?,
+        finished_minor: sum(
+            db,
+            "SELECT sum(amount_minor) FROM orders.orders WHERE status = 'FINISHED'",
+        )
+        .await?,
+        in_flight_debits_minor: sum(
+            db,
+            "SELECT sum(t.amount_minor) FROM payments.transactions t \
              JOIN orders.orders o ON o.id = t.order_id WHERE t.kind = 'debit' AND o.status = 'NEW'",
         )
         .await?,
         orders: scalar(db, "SELECT count(*) FROM orders.orders").await?,
-        orders_new: scalar(db, "SELECT count(*) FROM orders.orders WHERE status = 'NEW'").await?,
+        orders_new: scalar(
+            db,
+            "SELECT count(*) FROM orders.orders WHERE status = 'NEW'",
+        )
+        .await?,
     })
 }
 
@@ -215,8 +242,11 @@ const DEBIT_CHECKS: [(&str, &str); 3] = [
 ];
 
 fn conservation(totals: &Totals) -> Check {
-    let held = totals.balances_minor + totals.finished_minor + totals.in_flight_debits_minor;
-    let problems = if totals.top_ups_minor == held {
+    let held = totals
+        .balances_minor
+        .checked_add(totals.finished_minor)
+        .and_then(|sum| sum.checked_add(totals.in_flight_debits_minor));
+    let problems = if held == Some(totals.top_ups_minor) {
         Vec::new()
     } else {
         vec![format!(
@@ -225,7 +255,7 @@ fn conservation(totals: &Totals) -> Check {
             money(totals.balances_minor),
             money(totals.finished_minor),
             money(totals.in_flight_debits_minor),
-            money(held)
+            held.map_or_else(|| "more than 128 bits".to_owned(), money)
         )]
     };
     Check {

@@ -14,14 +14,15 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::contracts::PaymentFailureReason;
-use crate::orders::domain::{Order, OrderId, OrderStatus};
-use crate::orders::events::OrderEvents;
+use crate::kernel::user_id::UserId;
+use crate::orders::domain::{Order, OrderCursor, OrderId, OrderStatus};
+use crate::orders::events::{FollowError, OrderEvents};
 use crate::orders::{OrdersError, SCHEMA, saga, store};
 use crate::statuses;
 use crate::web::auth::{Caller, FORBIDDEN_DOC, StreamCaller, UNAUTHORIZED_DOC, issue_ticket};
 use crate::web::error::{ApiError, Reply};
 use crate::web::idempotency::IdempotentPost;
-use crate::web::params::{invalid, parse_amount};
+use crate::web::params::{invalid, parse_amount, parse_limit};
 
 #[derive(Tags)]
 enum Tag {
@@ -31,6 +32,8 @@ enum Tag {
 
 pub struct OrdersApi {
     db: DatabaseConnection,
+    /// Most NEW orders one user may have at once.
+    max_new_orders: Option<u32>,
     relay_wake: Arc<Notify>,
     events: OrderEvents,
     /// Ends open event streams when the application stops.
@@ -40,12 +43,14 @@ pub struct OrdersApi {
 impl OrdersApi {
     pub fn new(
         db: DatabaseConnection,
+        max_new_orders: Option<u32>,
         relay_wake: Arc<Notify>,
         events: OrderEvents,
         shutdown: CancellationToken,
     ) -> OrdersApi {
         OrdersApi {
             db,
+            max_new_orders,
             relay_wake,
             events,
             shutdown,
@@ -56,6 +61,7 @@ impl OrdersApi {
     pub fn spec_only() -> OrdersApi {
         OrdersApi::new(
             DatabaseConnection::default(),
+            None,
             Arc::new(Notify::new()),
             OrderEvents::default(),
             CancellationToken::new(),
@@ -120,10 +126,12 @@ impl From<Order> for OrderBody {
     }
 }
 
-/// A user's orders, newest first.
+/// A page of a user's orders, newest first.
 #[derive(Debug, Object)]
 pub struct OrderListBody {
     pub orders: Vec<OrderBody>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
 }
 
 impl From<OrdersError> for ApiError {
@@ -132,6 +140,11 @@ impl From<OrdersError> for ApiError {
             OrdersError::OrderNotFound => {
                 ApiError::new(StatusCode::NOT_FOUND, "order_not_found", error.to_string())
             }
+            OrdersError::TooManyNewOrders(_) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_new_orders",
+                error.to_string(),
+            ),
         }
     }
 }
@@ -142,6 +155,8 @@ statuses!(CreateOrder:
     401 => UNAUTHORIZED_DOC,
     403 => FORBIDDEN_DOC,
     422 => "The Idempotency-Key was used before with other parameters (`idempotency_key_reused`).",
+    429 => "Too many requests (`rate_limited`, with `Retry-After`), or the user has as many NEW\n\
+            orders as allowed at once (`too_many_new_orders`).",
     500 => "",
     503 => "The database is unreachable; retry later.",
 );
@@ -156,8 +171,9 @@ statuses!(GetOrder:
 );
 
 statuses!(ListOrders:
-    200 => "The user's orders, newest first; an empty list if none.",
-    400 => "`user_id` is missing or malformed.",
+    200 => "A page of the user's orders, newest first (an empty list if none), and the cursor of\n\
+            the next page.",
+    400 => "`user_id`, `limit` or `cursor` is missing or malformed.",
     401 => UNAUTHORIZED_DOC,
     403 => FORBIDDEN_DOC,
     500 => "",
@@ -167,15 +183,28 @@ statuses!(ListOrders:
 statuses!(FollowOrders:
     200 => "Server-Sent Events: one `message` per change of one of the user's orders (created,\n\
             FINISHED, CANCELLED), its data the order as JSON. The stream may end (a slow reader, a\n\
-            restart): reconnect and re-read the list.",
+            restart, the stream's lifetime): reconnect and re-read the list.",
     400 => "`user_id` is missing or malformed.",
     401 => UNAUTHORIZED_DOC,
     403 => FORBIDDEN_DOC,
+    429 => "The user has as many open streams as allowed (`too_many_streams`).",
+    503 => "The server has as many open streams as it allows (`server_busy`); retry later.",
 );
+
+impl From<FollowError> for ApiError {
+    fn from(error: FollowError) -> Self {
+        let (status, code) = match error {
+            FollowError::UserFull => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams"),
+            FollowError::ServerFull => (StatusCode::SERVICE_UNAVAILABLE, "server_busy"),
+        };
+        ApiError::new(status, code, error.to_string())
+    }
+}
 
 statuses!(EventsTicket:
     200 => "A ticket for `GET /api/orders/events?ticket=...`, valid 60 s, for the token's user.",
     401 => UNAUTHORIZED_DOC,
+    429 => "Too many requests (`rate_limited`, with `Retry-After`).",
     404 => "The server runs with `--auth none`: streams need no ticket (`auth_disabled`).",
 );
 
@@ -208,6 +237,24 @@ fn correlation_id(request: &poem::Request) -> String {
     }
 }
 
+impl OrdersApi {
+    /// Refuses a user who has as many NEW orders as allowed. Without a lock, concurrent
+    /// requests of one user may each see room: the cap holds to within their number.
+    async fn within_new_orders_cap(
+        &self,
+        txn: &DatabaseTransaction,
+        user: &UserId,
+    ) -> Result<(), ApiError> {
+        let Some(cap) = self.max_new_orders else {
+            return Ok(());
+        };
+        if store::count_new_orders(txn, user).await? >= i64::from(cap) {
+            return Err(OrdersError::TooManyNewOrders(cap).into());
+        }
+        Ok(())
+    }
+}
+
 #[OpenApi(prefix_path = "/api/orders", tag = "Tag::Orders")]
 impl OrdersApi {
     /// Place an order. Answers at once with status NEW; Payments then debits the user's
@@ -229,6 +276,7 @@ impl OrdersApi {
             let amount = parse_amount(&amount)?;
             let correlation_id = correlation_id(request);
             let place = async |txn: &DatabaseTransaction| {
+                self.within_new_orders_cap(txn, &user).await?;
                 let order = saga::place_order(txn, &user, amount, &correlation_id).await?;
                 Ok(OrderBody::from(order))
             };
@@ -261,17 +309,39 @@ impl OrdersApi {
         find.await.map(|order| Json(order.into())).into()
     }
 
-    /// List a user's orders, newest first.
+    /// List a user's orders, newest first, a page at a time.
     #[oai(path = "/orders", method = "get")]
     async fn orders(
         &self,
         caller: Caller,
         user_id: Query<String>,
+        /// Orders per page: 1 to 1000, 100 if absent.
+        limit: Query<Option<String>>,
+        /// The `next_cursor` of the previous page; absent for the first page.
+        cursor: Query<Option<String>>,
     ) -> Reply<Json<OrderListBody>, ListOrders> {
         let list = async {
-            let orders = store::list_orders(&self.db, &caller.acting_for(&user_id)?).await?;
+            let user = caller.acting_for(&user_id)?;
+            let limit = parse_limit(limit.as_deref())?;
+            let after = cursor
+                .as_deref()
+                .map(OrderCursor::parse)
+                .transpose()
+                .map_err(|error| invalid("invalid_cursor", error))?;
+            // One more than asked: whether it exists says whether there is a next page.
+            let mut orders = store::list_orders(&self.db, &user, after, limit + 1).await?;
+            let more = orders.len() as u64 > limit;
+            orders.truncate(limit as usize);
+            let next_cursor = more
+                .then(|| {
+                    orders
+                        .last()
+                        .map(|last| OrderCursor::after(last).to_string())
+                })
+                .flatten();
             Ok::<_, ApiError>(OrderListBody {
                 orders: orders.into_iter().map(OrderBody::from).collect(),
+                next_cursor,
             })
         };
         list.await.map(Json).into()
@@ -292,14 +362,13 @@ impl OrdersApi {
         #[oai(name = "access_token")]
         _access_token: Query<Option<String>>,
     ) -> Reply<OrderStream, FollowOrders> {
-        caller
-            .0
-            .acting_for(&user_id)
-            .map(|user| {
-                let stream = self.events.follow(user, self.shutdown.clone());
-                EventStream::new(stream.map(OrderBody::from).boxed()).keep_alive(EVENTS_KEEP_ALIVE)
-            })
-            .into()
+        let follow = || {
+            let user = caller.0.acting_for(&user_id)?;
+            let stream = self.events.follow(user, self.shutdown.clone())?;
+            let stream = stream.map(OrderBody::from).boxed();
+            Ok::<_, ApiError>(EventStream::new(stream).keep_alive(EVENTS_KEEP_ALIVE))
+        };
+        follow().into()
     }
 
     /// A ticket that opens the caller's event stream for 60 s (`--auth jwt` only).

@@ -81,6 +81,41 @@ pub struct Order {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Where a page of a user's orders (newest first) ends: the last order's creation time and id.
+/// Shown to clients as `<microseconds since the epoch>_<id>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrderCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: OrderId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cursor must be a next_cursor this API returned")]
+pub struct OrderCursorError;
+
+impl OrderCursor {
+    pub fn after(order: &Order) -> OrderCursor {
+        OrderCursor {
+            created_at: order.created_at,
+            id: order.id,
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<OrderCursor, OrderCursorError> {
+        let (micros, id) = text.split_once('_').ok_or(OrderCursorError)?;
+        let micros: i64 = micros.parse().map_err(|_| OrderCursorError)?;
+        let created_at = DateTime::from_timestamp_micros(micros).ok_or(OrderCursorError)?;
+        let id = OrderId::parse(id).map_err(|_| OrderCursorError)?;
+        Ok(OrderCursor { created_at, id })
+    }
+}
+
+impl fmt::Display for OrderCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}_{}", self.created_at.timestamp_micros(), self.id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +135,23 @@ mod tests {
             "' OR 1=1 --",
         ] {
             assert_eq!(OrderId::parse(bad), Err(OrderIdError), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_cursor_reads_back_as_itself() {
+        let cursor = OrderCursor {
+            created_at: DateTime::from_timestamp_micros(1_795_632_387_123_456).unwrap(),
+            id: OrderId::generate(),
+        };
+        assert_eq!(OrderCursor::parse(&cursor.to_string()), Ok(cursor));
+        for bad in [
+            "",
+            "_",
+            "12_not-a-uuid",
+            "x_0190f5c2-8c1e-7a9b-b7a1-1f2e3d4c5b6a",
+        ] {
+            assert_eq!(OrderCursor::parse(bad), Err(OrderCursorError), "{bad:?}");
         }
     }
 }

@@ -1,14 +1,18 @@
-//! Live order status. The transaction that changes an order also NOTIFYs its id; every orders
-//! instance LISTENs and fans the change out to its Server-Sent-Events subscribers, so a client
-//! hears of a change whichever instance applied it.
+//! Live order status. The transaction that changes an order also NOTIFYs its id and user; every
+//! orders instance LISTENs and hands the change to that user's Server-Sent-Events subscribers
+//! only, so a client hears of a change whichever instance applied it. Streams are bounded: so
+//! many in all, so many per user, each for at most so long.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::Stream;
 use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-use futures_util::Stream;
 
 use crate::kernel::backoff::Delays;
 use crate::kernel::user_id::UserId;
@@ -16,61 +20,152 @@ use crate::orders::domain::{Order, OrderId};
 use crate::orders::store;
 
 const CHANNEL: &str = "gozon_order_changed";
+/// A subscriber that falls this far behind is dropped and reconnects (re-reading the list).
+const BACKLOG: usize = 64;
 
-/// Announces that order `id` changed, when (and only if) the caller's transaction commits.
-pub async fn notify_changed(conn: &impl ConnectionTrait, id: OrderId) -> Result<(), DbErr> {
+/// Announces that `order` changed, when (and only if) the caller's transaction commits.
+pub async fn notify_changed(conn: &impl ConnectionTrait, order: &Order) -> Result<(), DbErr> {
     conn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         "SELECT pg_notify($1, $2)",
-        [CHANNEL.into(), id.to_string().into()],
+        [
+            CHANNEL.into(),
+            format!("{} {}", order.id, order.user_id).into(),
+        ],
     ))
     .await?;
     Ok(())
 }
 
-/// The orders changed in this database, as this process hears of them.
-#[derive(Clone)]
-pub struct OrderEvents {
-    sender: broadcast::Sender<Order>,
+/// How many streams may be open, and for how long.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamLimits {
+    pub total: usize,
+    pub per_user: usize,
+    pub lifetime: Duration,
 }
 
-impl Default for OrderEvents {
+impl Default for StreamLimits {
     fn default() -> Self {
-        // A subscriber that falls this far behind is dropped and reconnects (re-reading the list).
-        let (sender, _) = broadcast::channel(1024);
-        OrderEvents { sender }
+        StreamLimits {
+            total: 10_000,
+            per_user: 5,
+            lifetime: Duration::from_secs(15 * 60),
+        }
     }
 }
 
+/// Why a stream was not opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FollowError {
+    #[error("this server has as many open event streams as it allows; try again later")]
+    ServerFull,
+    #[error("this user has as many open event streams as allowed; close one first")]
+    UserFull,
+}
+
+/// The orders changed in this database, as this process hears of them, by user.
+#[derive(Clone, Default)]
+pub struct OrderEvents {
+    inner: Arc<Subscribers>,
+}
+
+#[derive(Default)]
+struct Subscribers {
+    limits: StreamLimits,
+    by_user: Mutex<HashMap<UserId, broadcast::Sender<Order>>>,
+}
+
+impl Subscribers {
+    fn lock(&self) -> MutexGuard<'_, HashMap<UserId, broadcast::Sender<Order>>> {
+        self.by_user
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Removes a user's channel when its last subscriber goes (dropped after the receiver).
+struct Unsubscribe {
+    subscribers: Arc<Subscribers>,
+    user: UserId,
+}
+
+impl Drop for Unsubscribe {
+    fn drop(&mut self) {
+        let mut by_user = self.subscribers.lock();
+        if by_user
+            .get(&self.user)
+            .is_some_and(|sender| sender.receiver_count() == 0)
+        {
+            by_user.remove(&self.user);
+        }
+    }
+}
+
+/// One open stream: its receiver, then (dropped after it) its registration.
+struct Subscription {
+    receiver: broadcast::Receiver<Order>,
+    _unsubscribe: Unsubscribe,
+}
+
 impl OrderEvents {
-    /// The changes of `user`'s orders from now on, until `shutdown`. The stream ends when
-    /// this reader has fallen behind (it missed changes): the client reconnects and re-reads.
+    pub fn new(limits: StreamLimits) -> OrderEvents {
+        OrderEvents {
+            inner: Arc::new(Subscribers {
+                limits,
+                by_user: Mutex::default(),
+            }),
+        }
+    }
+
+    /// The changes of `user`'s orders from now on, until `shutdown` or the stream's lifetime
+    /// ends, or this reader falls behind (it missed changes): then the client reconnects and
+    /// re-reads. Refused when the server or the user has as many streams as allowed.
     pub fn follow(
         &self,
         user: UserId,
         shutdown: CancellationToken,
-    ) -> impl Stream<Item = Order> + Send + 'static {
-        let state = (self.sender.subscribe(), user, shutdown);
-        futures_util::stream::unfold(state, |(mut receiver, user, shutdown)| async move {
-            loop {
-                let next = tokio::select! {
-                    next = receiver.recv() => next,
-                    _ = shutdown.cancelled() => return None,
-                };
-                match next {
-                    Ok(order) if order.user_id == user => {
-                        return Some((order, (receiver, user, shutdown)));
-                    }
-                    Ok(_) => continue,
-                    Err(
-                        broadcast::error::RecvError::Lagged(_)
-                        | broadcast::error::RecvError::Closed,
-                    ) => {
-                        return None;
-                    }
-                }
+    ) -> Result<impl Stream<Item = Order> + Send + 'static, FollowError> {
+        let limits = self.inner.limits;
+        let receiver = {
+            let mut by_user = self.inner.lock();
+            let open: usize = by_user
+                .values()
+                .map(broadcast::Sender::receiver_count)
+                .sum();
+            if open >= limits.total {
+                return Err(FollowError::ServerFull);
             }
-        })
+            let sender = by_user
+                .entry(user.clone())
+                .or_insert_with(|| broadcast::channel(BACKLOG).0);
+            if sender.receiver_count() >= limits.per_user {
+                return Err(FollowError::UserFull);
+            }
+            sender.subscribe()
+        };
+        let subscription = Subscription {
+            receiver,
+            _unsubscribe: Unsubscribe {
+                subscribers: self.inner.clone(),
+                user,
+            },
+        };
+        let ends = Box::pin(tokio::time::sleep(limits.lifetime));
+        let state = (subscription, shutdown, ends);
+        Ok(futures_util::stream::unfold(
+            state,
+            |(mut subscription, shutdown, mut ends)| async move {
+                let next = tokio::select! {
+                    next = subscription.receiver.recv() => next,
+                    _ = shutdown.cancelled() => return None,
+                    _ = &mut ends => return None,
+                };
+                // Lagged or closed: end the stream so the client re-reads.
+                let order = next.ok()?;
+                Some((order, (subscription, shutdown, ends)))
+            },
+        ))
     }
 
     /// LISTENs until `shutdown`, reconnecting after a lost connection. Changes made while the
@@ -101,15 +196,21 @@ impl OrderEvents {
         listener.listen(CHANNEL).await.map_err(sqlx_error)?;
         loop {
             let notification = listener.recv().await.map_err(sqlx_error)?;
-            if self.sender.receiver_count() == 0 {
-                continue;
-            }
-            let Ok(id) = Uuid::parse_str(notification.payload()) else {
+            let mut words = notification.payload().split(' ');
+            let Some(Ok(id)) = words.next().map(Uuid::parse_str) else {
                 continue;
             };
+            // Nobody here follows this user: no need to read the order.
+            let user = words.next().and_then(|user| UserId::parse(user).ok());
+            if user.is_some_and(|user| !self.inner.lock().contains_key(&user)) {
+                continue;
+            }
             if let Some(order) = store::find_order(db, OrderId::from_uuid(id)).await? {
+                let sender = self.inner.lock().get(&order.user_id).cloned();
                 // Err only means nobody is subscribed any more.
-                let _ = self.sender.send(order);
+                if let Some(sender) = sender {
+                    let _ = sender.send(order);
+                }
             }
         }
     }

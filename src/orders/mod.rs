@@ -26,4 +26,6 @@ pub const PAYMENT_RESULTS: QueueSpec = QueueSpec {
 pub enum OrdersError {
     #[error("no order has this id")]
     OrderNotFound,
+    #[error("this user already has {0} orders awaiting payment; wait for them to settle")]
+    TooManyNewOrders(u32),
 }

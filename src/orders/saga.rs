@@ -29,7 +29,7 @@ pub async fn place_order(
         amount,
     };
     outbox::enqueue(txn, SCHEMA, &request, correlation_id).await?;
-    events::notify_changed(txn, order.id).await?;
+    events::notify_changed(txn, &order).await?;
     tracing::info!(order_id = %order.id, correlation_id, "order placed; payment requested");
     Ok(order)
 }
@@ -88,7 +88,7 @@ impl Handler for PaymentResultHandler {
         let PaymentResult { order_id, status } = incoming.message;
         match store::settle_order(txn, order_id, status).await? {
             Settlement::Settled(order) => {
-                events::notify_changed(txn, order_id).await?;
+                events::notify_changed(txn, &order).await?;
                 Ok(Some(order))
             }
             Settlement::AlreadyFinal(order) => {

@@ -7,7 +7,7 @@ use uuid::Uuid;
 use crate::contracts::PaymentFailureReason;
 use crate::kernel::money::Money;
 use crate::kernel::user_id::UserId;
-use crate::orders::domain::{Order, OrderId, OrderStatus};
+use crate::orders::domain::{Order, OrderCursor, OrderId, OrderStatus};
 
 fn statement<I: IntoIterator<Item = Value>>(sql: &str, values: I) -> Statement {
     Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
@@ -90,19 +90,54 @@ pub async fn find_order(conn: &impl ConnectionTrait, id: OrderId) -> Result<Opti
 }
 
 /// The user's orders, newest first.
-pub async fn list_orders(conn: &impl ConnectionTrait, user: &UserId) -> Result<Vec<Order>, DbErr> {
-    OrderRow::find_by_statement(statement(
-        &format!(
-            "SELECT {ORDER_COLUMNS} FROM orders.orders WHERE user_id = $1 \
-             ORDER BY created_at DESC, id DESC"
+/// Up to `limit` of `user`'s orders, newest first, from just after `after` (keyset: a page
+/// stays the same while newer orders arrive). Uses `orders_user_created_idx`.
+pub async fn list_orders(
+    conn: &impl ConnectionTrait,
+    user: &UserId,
+    after: Option<OrderCursor>,
+    limit: u64,
+) -> Result<Vec<Order>, DbErr> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let query = match after {
+        None => statement(
+            &format!(
+                "SELECT {ORDER_COLUMNS} FROM orders.orders WHERE user_id = $1 \
+                 ORDER BY created_at DESC, id DESC LIMIT $2"
+            ),
+            [user.as_str().into(), limit.into()],
         ),
-        [user.as_str().into()],
-    ))
-    .all(conn)
-    .await?
-    .into_iter()
-    .map(OrderRow::into_order)
-    .collect()
+        Some(after) => statement(
+            &format!(
+                "SELECT {ORDER_COLUMNS} FROM orders.orders WHERE user_id = $1 \
+                 AND (created_at, id) < ($2, $3) ORDER BY created_at DESC, id DESC LIMIT $4"
+            ),
+            [
+                user.as_str().into(),
+                after.created_at.into(),
+                after.id.as_uuid().into(),
+                limit.into(),
+            ],
+        ),
+    };
+    OrderRow::find_by_statement(query)
+        .all(conn)
+        .await?
+        .into_iter()
+        .map(OrderRow::into_order)
+        .collect()
+}
+
+/// How many of `user`'s orders are NEW (uses `orders_new_by_user_idx`).
+pub async fn count_new_orders(conn: &impl ConnectionTrait, user: &UserId) -> Result<i64, DbErr> {
+    let row = conn
+        .query_one_raw(statement(
+            "SELECT count(*) AS new FROM orders.orders WHERE user_id = $1 AND status = 'NEW'",
+            [user.as_str().into()],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::Custom("no count row".into()))?;
+    row.try_get("", "new")
 }
 
 pub enum Settlement {

@@ -12,7 +12,7 @@ use crate::statuses;
 use crate::web::auth::{Caller, FORBIDDEN_DOC, TOP_UP_SCOPE, UNAUTHORIZED_DOC};
 use crate::web::error::{ApiError, Reply};
 use crate::web::idempotency::IdempotentPost;
-use crate::web::params::parse_amount;
+use crate::web::params::{invalid, parse_amount, parse_limit};
 
 #[derive(Tags)]
 enum Tag {
@@ -90,12 +90,14 @@ impl From<LedgerEntry> for LedgerEntryBody {
     }
 }
 
-/// An account's ledger, newest first.
+/// A page of an account's ledger, newest first.
 #[derive(Debug, Object)]
 pub struct LedgerBody {
     pub user_id: String,
     pub balance: String,
     pub transactions: Vec<LedgerEntryBody>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
 }
 
 impl From<PaymentsError> for ApiError {
@@ -125,6 +127,7 @@ statuses!(CreateAccount:
     403 => FORBIDDEN_DOC,
     409 => "The user already has an account (`account_exists`).",
     422 => "The Idempotency-Key was used before with another user id (`idempotency_key_reused`).",
+    429 => "Too many requests (`rate_limited`, with `Retry-After`).",
     500 => "",
     503 => "The database is unreachable; retry later.",
 );
@@ -138,6 +141,7 @@ statuses!(AddFunds:
     404 => "The user has no account (`account_not_found`).",
     422 => "The balance would exceed what an account can hold (`balance_limit_exceeded`), or the\n\
             Idempotency-Key was used before with other parameters (`idempotency_key_reused`).",
+    429 => "Too many requests (`rate_limited`, with `Retry-After`).",
     500 => "",
     503 => "The database is unreachable; retry later.",
 );
@@ -153,16 +157,14 @@ statuses!(Balance:
 );
 
 statuses!(Ledger:
-    200 => "The account's balance changes, newest first (at most 1000).",
-    400 => "`user_id` is missing or malformed.",
+    200 => "A page of the account's balance changes, newest first, and the cursor of the next page.",
+    400 => "`user_id`, `limit` or `cursor` is missing or malformed.",
     401 => UNAUTHORIZED_DOC,
     403 => FORBIDDEN_DOC,
     404 => "The user has no account (`account_not_found`).",
     500 => "",
     503 => "The database is unreachable; retry later.",
 );
-
-const LEDGER_LIMIT: u64 = 1000;
 
 const CREATE_ACCOUNT: IdempotentPost = IdempotentPost {
     schema: SCHEMA,
@@ -259,20 +261,43 @@ impl PaymentsApi {
         read.await.into()
     }
 
-    /// Read an account's ledger: every top-up and debit, newest first.
+    /// Read an account's ledger: every top-up and debit, newest first, a page at a time.
     #[oai(path = "/transactions", method = "get")]
     async fn transactions(
         &self,
         caller: Caller,
         user_id: Query<String>,
+        /// Entries per page: 1 to 1000, 100 if absent.
+        limit: Query<Option<String>>,
+        /// The `next_cursor` of the previous page; absent for the first page.
+        cursor: Query<Option<String>>,
     ) -> Reply<Json<LedgerBody>, Ledger> {
         let read = async {
+            let limit = parse_limit(limit.as_deref())?;
+            let before = cursor
+                .as_deref()
+                .map(|cursor| cursor.parse::<i64>().ok().filter(|id| *id > 0))
+                .map(|id| {
+                    id.ok_or_else(|| {
+                        invalid(
+                            "invalid_cursor",
+                            "cursor must be a next_cursor this API returned",
+                        )
+                    })
+                })
+                .transpose()?;
             let account = self.account(&caller, &user_id).await?;
-            let entries = store::ledger(&self.db, &account.user_id, LEDGER_LIMIT).await?;
+            let mut entries = store::ledger(&self.db, &account.user_id, before, limit + 1).await?;
+            let more = entries.len() as u64 > limit;
+            entries.truncate(limit as usize);
+            let next_cursor = more
+                .then(|| entries.last().map(|last| last.id.to_string()))
+                .flatten();
             Ok::<_, ApiError>(Json(LedgerBody {
                 user_id: account.user_id.to_string(),
                 balance: account.balance.to_string(),
                 transactions: entries.into_iter().map(LedgerEntryBody::from).collect(),
+                next_cursor,
             }))
         };
         read.await.into()

@@ -9,8 +9,9 @@ use crate::kernel::money::Money;
 use crate::kernel::user_id::UserId;
 use crate::payments::domain::{Account, DebitOutcome, EntryKind, LedgerEntry};
 
-/// A balance can hold at most what its BIGINT column can: a top-up past this is refused.
-pub const MAX_BALANCE_MINOR: i64 = i64::MAX;
+/// The business cap on a balance, 1 000 000 000.00: a top-up past it is refused. (Far below
+/// what the BIGINT column holds, so sums over many accounts stay exact.)
+pub const MAX_BALANCE_MINOR: i64 = 100_000_000_000;
 
 fn statement<I: IntoIterator<Item = Value>>(sql: &str, values: I) -> Statement {
     Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
@@ -211,15 +212,22 @@ struct LedgerRow {
 }
 
 /// The account's ledger, newest first.
+/// Up to `limit` of `user`'s ledger entries, newest first, from just before entry `before`
+/// (keyset on the entry id, which only grows; uses `transactions_user_idx`).
 pub async fn ledger(
     conn: &impl ConnectionTrait,
     user: &UserId,
+    before: Option<i64>,
     limit: u64,
 ) -> Result<Vec<LedgerEntry>, DbErr> {
     let rows = LedgerRow::find_by_statement(statement(
         "SELECT id, kind, amount_minor, order_id, balance_after_minor, created_at \
-         FROM payments.transactions WHERE user_id = $1 ORDER BY id DESC LIMIT $2",
-        [user.as_str().into(), (limit as i64).into()],
+         FROM payments.transactions WHERE user_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+        [
+            user.as_str().into(),
+            before.unwrap_or(i64::MAX).into(),
+            i64::try_from(limit).unwrap_or(i64::MAX).into(),
+        ],
     ))
     .all(conn)
     .await?;

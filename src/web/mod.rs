@@ -4,6 +4,8 @@
 //! no context; the wiring in `app` mounts the contexts' APIs.
 
 pub mod auth;
+pub mod edge;
 pub mod error;
 pub mod idempotency;
+pub mod listener;
 pub mod params;

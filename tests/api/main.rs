@@ -4,6 +4,7 @@
 mod architecture;
 mod audit;
 mod auth;
+mod edge;
 mod events;
 mod faults;
 mod fuzz;

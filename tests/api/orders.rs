@@ -51,7 +51,10 @@ async fn a_users_orders_are_listed_newest_first_and_only_theirs() {
 
     let none = app.orders("nobody-at-all").await;
     assert_eq!(none.status, StatusCode::OK);
-    assert_eq!(none.body, serde_json::json!({"orders": []}));
+    assert_eq!(
+        none.body,
+        serde_json::json!({"orders": [], "next_cursor": null})
+    );
 }
 
 #[tokio::test]

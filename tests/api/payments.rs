@@ -1,7 +1,6 @@
 //! Payments' endpoints: happy paths and every bad form of every parameter.
 
 use reqwest::StatusCode;
-use sea_orm::ConnectionTrait;
 
 use crate::helpers::{BAD_AMOUNTS, TestEnv, bad_user_ids, snapshot, spawn_app};
 use gozon::app::cli::Role;
@@ -53,9 +52,14 @@ async fn digits_only_user_ids_and_the_largest_amount_are_accepted() {
         app.add_funds("42", "1000000000.00").await.str("balance"),
         "1000000000.00"
     );
+    // The balance is at its cap (1 000 000 000.00) now: a second such top-up is refused.
+    app.add_funds("42", "1000000000")
+        .await
+        .assert_error(422, "balance_limit_exceeded");
+    assert_eq!(app.create_account("43").await.status, StatusCode::CREATED);
     assert_eq!(
-        app.add_funds("42", "1000000000").await.str("balance"),
-        "2000000000.00"
+        app.add_funds("43", "1000000000").await.str("balance"),
+        "1000000000.00"
     );
 }
 
@@ -145,29 +149,33 @@ async fn bad_parameters_are_refused_with_json_errors_and_change_nothing() {
 }
 
 #[tokio::test]
-async fn a_top_up_that_would_overflow_the_balance_is_refused() {
+async fn a_top_up_past_the_balance_cap_is_refused() {
     let env = TestEnv::new();
     let app = env.spawn(Role::All).await;
-    app.funded_account("rich", "1").await;
-    // Reaching the limit through the API would take 92 million top-ups: set it up directly.
+    // The cap is 1 000 000 000.00 (README): fill the account up to 50.00 below it.
+    app.funded_account("rich", "999999900").await;
+    assert_eq!(
+        app.add_funds("rich", "50").await.str("balance"),
+        "999999950.00"
+    );
     let db = env.db().await;
-    db.execute_unprepared(
-        "UPDATE payments.accounts SET balance_minor = 9223372036854775000 WHERE user_id = 'rich'",
-    )
-    .await
-    .unwrap();
-
+    let before = snapshot(&db).await;
     app.add_funds("rich", "100")
         .await
         .assert_error(422, "balance_limit_exceeded");
     assert_eq!(
-        app.balance("rich").await.str("balance"),
-        "92233720368547750.00"
+        snapshot(&db).await,
+        before,
+        "a refused top-up changes nothing"
     );
+    assert_eq!(app.balance("rich").await.str("balance"), "999999950.00");
     assert_eq!(
-        app.add_funds("rich", "8.07").await.str("balance"),
-        "92233720368547758.07"
+        app.add_funds("rich", "50.00").await.str("balance"),
+        "1000000000.00"
     );
+    app.add_funds("rich", "0.01")
+        .await
+        .assert_error(422, "balance_limit_exceeded");
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@ use sea_orm_migration::prelude::*;
 
 mod m20261125_000001_create_orders;
 mod m20261125_000002_create_idempotency_keys;
+mod m20261125_000003_index_new_orders_by_user;
 
 pub struct Migrator;
 
@@ -13,6 +14,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261125_000001_create_orders::Migration),
             Box::new(m20261125_000002_create_idempotency_keys::Migration),
+            Box::new(m20261125_000003_index_new_orders_by_user::Migration),
         ]
     }
 
