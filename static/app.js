@@ -17,6 +17,7 @@ const state = {
   user: null,
   session: 0, // bumped on every log in and log out: answers meant for an earlier session are dropped
   orders: new Map(), // id -> order, as the server last described it
+  olderCursor: undefined, // where the next older page starts: undefined before the first page, null at the end
   rows: new Map(), // id -> its <li>
   stream: null,
   pollTimer: null,
@@ -291,11 +292,15 @@ async function refreshBalance() {
   }
 }
 
-async function loadOrders() {
+// The newest page of orders (refreshed after the stream reconnects and while polling); older
+// pages are read when the person asks for them.
+async function loadOrders(cursor = null) {
   const session = state.session;
+  const params = { user_id: state.user };
+  if (cursor) params.cursor = cursor;
   let body;
   try {
-    body = await api("GET", "api/orders/orders", { user_id: state.user });
+    body = await api("GET", "api/orders/orders", params);
   } catch (error) {
     if (session === state.session) explain(error, "Could not load your orders", "orders");
     return;
@@ -304,6 +309,9 @@ async function loadOrders() {
   resolved("orders");
   let changed = false;
   for (const order of (body && body.orders) || []) changed = upsertOrder(order) || changed;
+  // The first page sets where older orders start; each older page moves it on.
+  if (cursor || state.olderCursor === undefined) state.olderCursor = (body && body.next_cursor) || null;
+  $("load-more").classList.toggle("d-none", !state.olderCursor);
   renderOrders();
   if (changed) refreshBalance();
 }
@@ -395,6 +403,8 @@ function resetSession(user) {
   state.user = user;
   state.orders.clear();
   state.rows.clear();
+  state.olderCursor = undefined;
+  $("load-more").classList.add("d-none");
   state.retryKeys.clear();
   state.balanceShown = state.balanceTicket;
   clearAlerts();
@@ -518,6 +528,8 @@ function applyMode() {
 }
 
 $("logout").addEventListener("click", logout);
+
+$("load-more").addEventListener("click", () => busy($("load-more"), () => loadOrders(state.olderCursor)));
 
 $("create-account").addEventListener("click", () => busy($("create-account"), async () => {
   const session = state.session;

@@ -225,3 +225,22 @@ test("the page works at phone width, and an order without an account is cancelle
   assert.equal(overflow, false, "nothing is wider than the screen");
   await page.screenshot({ path: `${SHOTS}08-phone.png`, fullPage: true });
 });
+
+test("a long history loads a page at a time: older orders on demand", async (t) => {
+  const user = unique("pw-many");
+  // 105 orders placed through the API (no account: each is cancelled at once).
+  for (let batch = 0; batch < 7; batch++) {
+    await Promise.all(Array.from({ length: 15 }, () =>
+      fetch(`${BASE}/api/orders/create_order?user_id=${user}&amount=1`, { method: "POST" })
+        .then((r) => assert.equal(r.status, 201))));
+  }
+  const { page } = await open(t);
+  await logIn(page, user);
+  const rows = page.locator("[data-testid=order]");
+  await page.waitForFunction(() => document.querySelectorAll("[data-testid=order]").length === 100);
+  assert.equal(await page.isVisible("[data-testid=load-more]"), true);
+  await page.click("[data-testid=load-more]");
+  await page.waitForFunction(() => document.querySelectorAll("[data-testid=order]").length === 105);
+  await page.waitForSelector("[data-testid=load-more]", { state: "hidden" });
+  assert.equal(await rows.count(), 105);
+});
