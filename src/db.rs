@@ -72,6 +72,39 @@ async fn ensure_database_exists(url: &str) -> Result<(), DbErr> {
 
 const DUPLICATE_DATABASE: &str = "42P04";
 
+/// Rows one purge statement deletes at most.
+const PURGE_BATCH: u64 = 5000;
+
+/// Deletes the rows of `table` older than `retention` by `time_column`, a bounded batch per
+/// statement (keyed by `key_columns`) so that a long backlog never holds locks for long.
+/// Returns how many went.
+pub async fn purge_older_than(
+    conn: &impl ConnectionTrait,
+    table: &str,
+    key_columns: &str,
+    time_column: &str,
+    retention: Duration,
+) -> Result<u64, DbErr> {
+    let secs = retention.as_secs_f64();
+    let sql = format!(
+        "DELETE FROM {table} WHERE ({key_columns}) IN (SELECT {key_columns} FROM {table} \
+         WHERE {time_column} < clock_timestamp() - make_interval(secs => {secs}) LIMIT {PURGE_BATCH})"
+    );
+    let mut deleted = 0;
+    loop {
+        let result = conn
+            .execute_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                sql.clone(),
+            ))
+            .await?;
+        deleted += result.rows_affected();
+        if result.rows_affected() < PURGE_BATCH {
+            return Ok(deleted);
+        }
+    }
+}
+
 /// Whether `error` means the database cannot be reached right now, as opposed to a statement
 /// that failed: no connection to be had (refused, pool exhausted or closed), a connection lost
 /// mid-statement (I/O, TLS or protocol failure), or the server saying so by SQLSTATE — class 08

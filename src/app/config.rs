@@ -73,6 +73,10 @@ pub struct Settings {
     #[arg(long, env = "GOZON_OUTBOX_RETENTION_SECS", default_value_t = 86_400)]
     pub outbox_retention_secs: u64,
 
+    /// Inbox records (which message ids a consumer applied) are deleted after this many seconds.
+    #[arg(long, env = "GOZON_INBOX_RETENTION_SECS", default_value_t = 7 * 86_400)]
+    pub inbox_retention_secs: u64,
+
     /// How often, in milliseconds, sent outbox rows are purged and the backlog is measured.
     #[arg(long, env = "GOZON_OUTBOX_HOUSEKEEPING_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(10..))]
     pub outbox_housekeeping_ms: u64,
@@ -244,6 +248,7 @@ impl Settings {
     pub fn housekeeping(&self) -> HousekeepingSettings {
         HousekeepingSettings {
             retention: Duration::from_secs(self.outbox_retention_secs),
+            inbox_retention: Duration::from_secs(self.inbox_retention_secs),
             interval: Duration::from_millis(self.outbox_housekeeping_ms),
             backlog_warning: 1_000,
             backlog_age_warning: Duration::from_secs(30),
@@ -272,6 +277,7 @@ impl fmt::Debug for Settings {
             .field("outbox_poll_ms", &self.outbox_poll_ms)
             .field("outbox_batch", &self.outbox_batch)
             .field("outbox_retention_secs", &self.outbox_retention_secs)
+            .field("inbox_retention_secs", &self.inbox_retention_secs)
             .field("outbox_housekeeping_ms", &self.outbox_housekeeping_ms)
             .field("http_addr", &self.http_addr)
             .field("static_dir", &self.static_dir)

@@ -250,13 +250,16 @@ impl Relay {
 pub struct HousekeepingSettings {
     /// Sent rows older than this are deleted.
     pub retention: Duration,
+    /// Inbox records older than this are deleted.
+    pub inbox_retention: Duration,
     pub interval: Duration,
     /// A backlog larger than this, or older than `backlog_age_warning`, is logged as a warning.
     pub backlog_warning: i64,
     pub backlog_age_warning: Duration,
 }
 
-/// Keeps a context's outbox from growing without bound, and says so when its backlog grows.
+/// Keeps a context's outbox and inbox from growing without bound, and says so when the outbox
+/// backlog grows.
 pub struct Housekeeper {
     db: DatabaseConnection,
     schema: &'static str,
@@ -283,29 +286,27 @@ impl Housekeeper {
         }
     }
 
-    /// Deletes sent rows older than the retention, a bounded batch per statement so that a
-    /// long backlog of deletions never holds locks for long. Returns how many went.
+    /// Deletes sent rows older than the retention, in batches. Returns how many went.
     pub async fn purge_sent(&self) -> Result<u64, DbErr> {
-        let schema = self.schema;
-        let retention = self.settings.retention.as_secs_f64();
-        let mut deleted = 0;
-        loop {
-            let result = self
-                .db
-                .execute_raw(Statement::from_string(
-                    DbBackend::Postgres,
-                    format!(
-                        "DELETE FROM {schema}.outbox WHERE seq IN (SELECT seq FROM {schema}.outbox \
-                         WHERE sent_at < clock_timestamp() - make_interval(secs => {retention}) \
-                         LIMIT 5000)"
-                    ),
-                ))
-                .await?;
-            deleted += result.rows_affected();
-            if result.rows_affected() < 5000 {
-                return Ok(deleted);
-            }
-        }
+        let table = format!("{}.outbox", self.schema);
+        let retention = self.settings.retention;
+        crate::db::purge_older_than(&self.db, &table, "seq", "sent_at", retention).await
+    }
+
+    /// Deletes inbox records older than their retention, in batches. A message redelivered
+    /// after that is still applied at most once: the per-order keys (the debit's
+    /// `order_payments` row, an order's final status) make its effect a no-op.
+    pub async fn purge_inbox(&self) -> Result<u64, DbErr> {
+        let table = format!("{}.inbox", self.schema);
+        let retention = self.settings.inbox_retention;
+        crate::db::purge_older_than(
+            &self.db,
+            &table,
+            "consumer, message_id",
+            "received_at",
+            retention,
+        )
+        .await
     }
 
     pub async fn backlog(&self) -> Result<Backlog, DbErr> {
@@ -324,6 +325,11 @@ impl Housekeeper {
                 Ok(0) => {}
                 Ok(deleted) => tracing::debug!(schema, deleted, "purged sent outbox rows"),
                 Err(error) => tracing::warn!(schema, %error, "cannot purge the outbox"),
+            }
+            match self.purge_inbox().await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::debug!(schema, deleted, "purged old inbox records"),
+                Err(error) => tracing::warn!(schema, %error, "cannot purge the inbox"),
             }
             let backlog = match self.backlog().await {
                 Ok(backlog) => backlog,

@@ -129,28 +129,10 @@ pub async fn remember(
     Ok(())
 }
 
-/// Forgets keys older than [`RETENTION`], a bounded batch per statement so that a long
-/// backlog never holds locks for long; returns how many went.
+/// Forgets keys older than [`RETENTION`], in batches; returns how many went.
 pub async fn purge_expired(conn: &impl ConnectionTrait, schema: &str) -> Result<u64, DbErr> {
-    const BATCH: u64 = 5000;
-    let mut deleted = 0;
-    loop {
-        let result = conn
-            .execute_raw(Statement::from_string(
-                DbBackend::Postgres,
-                format!(
-                    "DELETE FROM {schema}.idempotency_keys WHERE (endpoint, key) IN ( \
-                     SELECT endpoint, key FROM {schema}.idempotency_keys \
-                     WHERE created_at < clock_timestamp() - make_interval(secs => {}) LIMIT {BATCH})",
-                    RETENTION.as_secs()
-                ),
-            ))
-            .await?;
-        deleted += result.rows_affected();
-        if result.rows_affected() < BATCH {
-            return Ok(deleted);
-        }
-    }
+    let table = format!("{schema}.idempotency_keys");
+    crate::db::purge_older_than(conn, &table, "endpoint, key", "created_at", RETENTION).await
 }
 
 /// Purges `schema`'s expired keys every `interval` until `shutdown`.

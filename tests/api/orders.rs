@@ -167,6 +167,7 @@ async fn orders_placed_while_the_broker_is_unreachable_wait_in_the_outbox() {
     let db = env.db().await;
     let housekeeping = gozon::messaging::outbox::HousekeepingSettings {
         retention: std::time::Duration::from_secs(0),
+        inbox_retention: std::time::Duration::from_secs(3600),
         interval: std::time::Duration::from_secs(1),
         backlog_warning: 1000,
         backlog_age_warning: std::time::Duration::from_secs(30),

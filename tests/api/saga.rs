@@ -352,3 +352,49 @@ async fn sent_outbox_rows_are_purged_after_the_retention() {
         "SELECT (SELECT count(*) FROM orders.outbox) + (SELECT count(*) FROM payments.outbox)";
     wait_for_scalar(&db, outboxes, 0).await;
 }
+
+#[tokio::test]
+async fn old_inbox_records_are_purged_and_a_late_duplicate_still_debits_once() {
+    let env = TestEnv::new();
+    let mut settings = env.settings();
+    settings.inbox_retention_secs = 0;
+    settings.outbox_housekeeping_ms = 100;
+    let app = env.spawn_with(&settings, Role::Payments).await;
+    app.wait_until_ready().await;
+    app.funded_account("ray", "100.00").await;
+    let db = env.db().await;
+    let message_id = uuid::Uuid::now_v7();
+    let order_id = uuid::Uuid::now_v7();
+    let body = payment_requested(message_id, order_id, "ray", "25.00");
+    publish_raw(
+        &env.prefix,
+        "payment.requested.v1",
+        &message_id.to_string(),
+        &body,
+    )
+    .await;
+    let debits = "SELECT count(*) FROM payments.transactions WHERE kind = 'debit'";
+    wait_for_scalar(&db, debits, 1).await;
+    // The housekeeper forgets the message id ...
+    wait_for_scalar(&db, "SELECT count(*) FROM payments.inbox", 0).await;
+    // ... and the same request delivered again long after is applied again, as a no-op: the
+    // order was claimed once, for good.
+    publish_raw(
+        &env.prefix,
+        "payment.requested.v1",
+        &message_id.to_string(),
+        &body,
+    )
+    .await;
+    let marker = uuid::Uuid::now_v7();
+    let marker_body = payment_requested(marker, uuid::Uuid::now_v7(), "ray", "1.00");
+    publish_raw(
+        &env.prefix,
+        "payment.requested.v1",
+        &marker.to_string(),
+        &marker_body,
+    )
+    .await;
+    wait_for_scalar(&db, debits, 2).await;
+    assert_eq!(app.balance("ray").await.str("balance"), "74.00");
+}
