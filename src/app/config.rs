@@ -13,7 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use crate::messaging::amqp::BrokerSettings;
 use crate::messaging::consumer::ConsumerSettings;
 use crate::messaging::outbox::{HousekeepingSettings, RelaySettings};
-use crate::messaging::signing::{self, MessageKey};
+use crate::messaging::signing::{self, Keyring, MessageKey};
 use crate::ops::telemetry::{LogFormat, mask_password};
 use crate::orders::events::StreamLimits;
 use crate::web::auth::Authenticator;
@@ -43,6 +43,16 @@ pub struct Settings {
     /// Secret shared by every Gozon process, used to sign and check messages (HMAC-SHA256).
     #[arg(long, env = "GOZON_MESSAGE_KEY", default_value = signing::DEVELOPMENT_KEY, hide_default_value = true)]
     pub message_key: String,
+
+    /// Keys that signed messages before the current one, comma separated: still accepted, so
+    /// messages in flight or in dead-letter queues survive a rotation. Never used to sign.
+    #[arg(
+        long,
+        env = "GOZON_MESSAGE_KEY_PREVIOUS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub message_key_previous: Vec<String>,
 
     /// Deliveries of one message before it is dead-lettered.
     #[arg(long, env = "GOZON_DELIVERY_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -227,6 +237,37 @@ impl Settings {
         }
     }
 
+    pub fn keyring(&self) -> Keyring {
+        let previous = self
+            .message_key_previous
+            .iter()
+            .filter(|key| !key.is_empty());
+        Keyring::new(
+            MessageKey::new(&self.message_key),
+            previous.map(|key| MessageKey::new(key)).collect(),
+        )
+    }
+
+    /// Refuses message keys too short to be secret (the public development key aside, which
+    /// only warns).
+    pub fn check_message_keys(&self) -> anyhow::Result<()> {
+        if self.message_key == signing::DEVELOPMENT_KEY {
+            tracing::warn!(
+                "GOZON_MESSAGE_KEY is not set: messages are signed with the public development key"
+            );
+        }
+        let keys = std::iter::once(&self.message_key).chain(&self.message_key_previous);
+        for key in keys.filter(|key| !key.is_empty() && *key != signing::DEVELOPMENT_KEY) {
+            if key.len() < signing::MIN_KEY_BYTES {
+                anyhow::bail!(
+                    "message keys must be at least {} bytes (GOZON_MESSAGE_KEY, GOZON_MESSAGE_KEY_PREVIOUS)",
+                    signing::MIN_KEY_BYTES
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub fn broker(&self) -> BrokerSettings {
         BrokerSettings {
             url: self.amqp_url.clone(),
@@ -234,7 +275,7 @@ impl Settings {
             delivery_limit: self.delivery_limit,
             queue_expires: self.queue_expires_secs.map(Duration::from_secs),
             io_timeout: Duration::from_millis(self.amqp_timeout_ms),
-            message_key: MessageKey::new(&self.message_key),
+            keyring: self.keyring(),
         }
     }
 
@@ -269,7 +310,8 @@ impl fmt::Debug for Settings {
             .field("db_max_connections", &self.db_max_connections)
             .field("amqp_url", &mask_password(&self.amqp_url))
             .field("amqp_prefix", &self.amqp_prefix)
-            .field("message_key", &"***")
+            .field("message_key", &self.keyring().current().id())
+            .field("message_key_previous", &self.message_key_previous.len())
             .field("delivery_limit", &self.delivery_limit)
             .field("prefetch", &self.prefetch)
             .field("queue_expires_secs", &self.queue_expires_secs)

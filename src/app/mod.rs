@@ -67,11 +67,7 @@ impl Application {
     /// need not be up: relays and consumers connect in the background and keep retrying.
     pub async fn build(settings: &Settings, role: Role) -> anyhow::Result<Application> {
         tracing::info!(?role, settings = ?settings, "starting gozon");
-        if settings.message_key == crate::messaging::signing::DEVELOPMENT_KEY {
-            tracing::warn!(
-                "GOZON_MESSAGE_KEY is not set: messages are signed with the public development key"
-            );
-        }
+        settings.check_message_keys()?;
         let authenticator = settings.authenticator()?;
         let db = connect_and_migrate(settings, role).await?;
         let metrics = Metrics::default();

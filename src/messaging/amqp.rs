@@ -21,7 +21,7 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::kernel::backoff;
-use crate::messaging::signing::MessageKey;
+use crate::messaging::signing::Keyring;
 use crate::ops::metrics::Metrics;
 
 /// A queue some consumer reads, and the message types routed to it.
@@ -44,7 +44,7 @@ pub struct BrokerSettings {
     /// Bound on connect, declare, publish-confirm and ack round trips.
     pub io_timeout: Duration,
     /// Signs what this process publishes and checks what it consumes.
-    pub message_key: MessageKey,
+    pub keyring: Keyring,
 }
 
 /// The broker as Gozon uses it: one topic exchange for events, one dead-letter exchange, and

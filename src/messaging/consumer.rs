@@ -278,21 +278,21 @@ impl<H: Handler> Consumer<H> {
 
     /// Checks the signature and decodes the envelope and its payload.
     fn open(&self, delivery: &Delivery) -> Result<(Envelope, H::Message), HandleError> {
-        let signature = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|headers| headers.inner().get(signing::HEADER))
-            .and_then(|value| match value {
+        let header = |name: &str| {
+            let value = delivery.properties.headers().as_ref()?.inner().get(name)?;
+            match value {
                 AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok(),
                 _ => None,
-            });
-        let key = &self.broker.settings().message_key;
-        if !signature.is_some_and(|signature| key.verify(&delivery.data, signature)) {
-            return Err(HandleError::poison(
-                "unsigned or forged message (bad x-gozon-signature)",
-            ));
-        }
+            }
+        };
+        let keyring = &self.broker.settings().keyring;
+        keyring
+            .verify(
+                &delivery.data,
+                header(signing::KEY_ID_HEADER),
+                header(signing::HEADER),
+            )
+            .map_err(HandleError::poison)?;
         let envelope = Envelope::from_bytes(&delivery.data).map_err(HandleError::poison)?;
         let message = self.handler.decode(&envelope)?;
         Ok((envelope, message))

@@ -161,15 +161,15 @@ async fn republish(
     if let Some(correlation_id) = delivery.properties.correlation_id() {
         properties = properties.with_correlation_id(correlation_id.clone());
     }
-    // The body is unchanged, so its signature (if it had a valid one) still holds.
-    if let Some(signature) = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|headers| headers.inner().get(signing::HEADER))
-    {
+    // The body is unchanged, so its signature (if it had a valid one) still holds, under the
+    // key that made it: verifiable while that key is current or previous.
+    if let Some(original) = delivery.properties.headers().as_ref() {
         let mut headers = FieldTable::default();
-        headers.insert(signing::HEADER.into(), signature.clone());
+        for name in [signing::HEADER, signing::KEY_ID_HEADER] {
+            if let Some(value) = original.inner().get(name) {
+                headers.insert(name.into(), value.clone());
+            }
+        }
         properties = properties.with_headers(headers);
     }
     let exchange = broker.events_exchange();

@@ -183,10 +183,14 @@ impl Relay {
             "correlation_id".into(),
             AMQPValue::LongString(row.correlation_id.as_str().into()),
         );
-        let signature = self.broker.settings().message_key.sign(payload);
+        let key = self.broker.settings().keyring.current();
         headers.insert(
             signing::HEADER.into(),
-            AMQPValue::LongString(signature.into()),
+            AMQPValue::LongString(key.sign(payload).into()),
+        );
+        headers.insert(
+            signing::KEY_ID_HEADER.into(),
+            AMQPValue::LongString(key.id().into()),
         );
         BasicProperties::default()
             .with_message_id(row.message_id.to_string().into())

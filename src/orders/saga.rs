@@ -35,9 +35,11 @@ pub async fn place_order(
 }
 
 /// Payments' answer about one order: the status it moves the order to.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PaymentResult {
     order_id: OrderId,
+    user_id: UserId,
+    amount: Money,
     status: OrderStatus,
 }
 
@@ -58,26 +60,38 @@ impl Handler for PaymentResultHandler {
     type Applied = Option<Order>;
 
     fn decode(&self, envelope: &Envelope) -> Result<PaymentResult, HandleError> {
-        let (order_id, status) = match envelope.message_type.as_str() {
+        let result = |order_id, user_id, amount, status| PaymentResult {
+            order_id: OrderId::from_uuid(order_id),
+            user_id,
+            amount,
+            status,
+        };
+        match envelope.message_type.as_str() {
             PaymentSucceededV1::TYPE => {
                 let answer: PaymentSucceededV1 =
                     envelope.payload_as().map_err(HandleError::poison)?;
-                (answer.order_id, OrderStatus::Finished)
+                let status = OrderStatus::Finished;
+                Ok(result(
+                    answer.order_id,
+                    answer.user_id,
+                    answer.amount,
+                    status,
+                ))
             }
             PaymentFailedV1::TYPE => {
                 let answer: PaymentFailedV1 = envelope.payload_as().map_err(HandleError::poison)?;
-                (answer.order_id, OrderStatus::Cancelled(answer.reason))
+                let status = OrderStatus::Cancelled(answer.reason);
+                Ok(result(
+                    answer.order_id,
+                    answer.user_id,
+                    answer.amount,
+                    status,
+                ))
             }
-            other => {
-                return Err(HandleError::poison(format!(
-                    "unexpected message type {other:?}"
-                )));
-            }
-        };
-        Ok(PaymentResult {
-            order_id: OrderId::from_uuid(order_id),
-            status,
-        })
+            other => Err(HandleError::poison(format!(
+                "unexpected message type {other:?}"
+            ))),
+        }
     }
 
     async fn apply(
@@ -85,8 +99,13 @@ impl Handler for PaymentResultHandler {
         txn: &DatabaseTransaction,
         incoming: Incoming<PaymentResult>,
     ) -> Result<Option<Order>, HandleError> {
-        let PaymentResult { order_id, status } = incoming.message;
-        match store::settle_order(txn, order_id, status).await? {
+        let PaymentResult {
+            order_id,
+            user_id,
+            amount,
+            status,
+        } = incoming.message;
+        match store::settle_order(txn, order_id, &user_id, amount, status).await? {
             Settlement::Settled(order) => {
                 events::notify_changed(txn, &order).await?;
                 Ok(Some(order))
@@ -98,6 +117,11 @@ impl Handler for PaymentResultHandler {
             // Rolled back with the inbox row: the message goes to the dead-letter queue intact.
             Settlement::Unknown => Err(HandleError::poison(format!(
                 "payment result for unknown order {order_id}"
+            ))),
+            Settlement::Mismatch(order) => Err(HandleError::poison(format!(
+                "payment result for order {order_id} names {user_id} and {amount}, \
+                 but the order is {} for {}",
+                order.user_id, order.amount
             ))),
         }
     }

@@ -147,24 +147,32 @@ pub enum Settlement {
     AlreadyFinal(Order),
     /// No such order.
     Unknown,
+    /// The answer names another user or amount than the order's.
+    Mismatch(Order),
 }
 
-/// Moves a NEW order to `status`. Final states never change: the `status = 'NEW'` condition
-/// makes a second, late or contradicting answer a no-op.
+/// Moves a NEW order to `status`, if Payments' answer is about this order: the same user and
+/// amount. Final states never change: the `status = 'NEW'` condition makes a second, late or
+/// contradicting answer a no-op.
 pub async fn settle_order(
     conn: &impl ConnectionTrait,
     id: OrderId,
+    paid_by: &UserId,
+    amount: Money,
     status: OrderStatus,
 ) -> Result<Settlement, DbErr> {
     let updated = OrderRow::find_by_statement(statement(
         &format!(
             "UPDATE orders.orders SET status = $2, reason = $3, updated_at = clock_timestamp() \
-             WHERE id = $1 AND status = 'NEW' RETURNING {ORDER_COLUMNS}"
+             WHERE id = $1 AND status = 'NEW' AND user_id = $4 AND amount_minor = $5 \
+             RETURNING {ORDER_COLUMNS}"
         ),
         [
             id.as_uuid().into(),
             status.as_str().into(),
             status.reason().map(|r| r.as_str().to_owned()).into(),
+            paid_by.as_str().into(),
+            amount.minor().into(),
         ],
     ))
     .one(conn)
@@ -173,6 +181,9 @@ pub async fn settle_order(
         return Ok(Settlement::Settled(row.into_order()?));
     }
     Ok(match find_order(conn, id).await? {
+        Some(order) if order.user_id != *paid_by || order.amount != amount => {
+            Settlement::Mismatch(order)
+        }
         Some(order) => Settlement::AlreadyFinal(order),
         None => Settlement::Unknown,
     })

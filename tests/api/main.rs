@@ -16,6 +16,7 @@ mod orders;
 mod outage;
 mod payments;
 mod poison;
+mod rotation;
 mod saga;
 mod scale_out;
 mod shutdown;

@@ -10,7 +10,7 @@ use gozon::{app, orders, payments};
 use crate::helpers::{TestEnv, gozon, scalar_i64, snapshot};
 use crate::saga::{payment_requested, publish_raw, publish_with_signature, sign};
 
-async fn wait_for_dead_letters(
+pub async fn wait_for_dead_letters(
     env: &TestEnv,
     queue: &gozon::messaging::amqp::QueueSpec,
     count: usize,
@@ -249,4 +249,30 @@ async fn a_message_that_keeps_failing_is_retried_a_bounded_number_of_times_then_
         0,
         "never applied"
     );
+}
+
+#[tokio::test]
+async fn a_payment_answer_that_does_not_match_its_order_is_dead_lettered() {
+    let env = TestEnv::new();
+    let app = env.spawn(Role::Orders).await;
+    let order = app.create_order("vic", "30").await;
+    let order_id = order.str("id").to_owned();
+    let answer = |user: &str, amount: &str| {
+        envelope(
+            "payment.succeeded.v1",
+            serde_json::json!({"order_id": order_id, "user_id": user, "amount": amount}),
+        )
+    };
+    for (user, amount) in [("vic", "0.01"), ("mallory", "30.00")] {
+        let (id, body) = answer(user, amount);
+        publish_raw(&env.prefix, "payment.succeeded.v1", &id, &body).await;
+    }
+    wait_for_dead_letters(&env, &orders::PAYMENT_RESULTS, 2).await;
+    assert_eq!(app.order(&order_id).await.str("status"), "NEW");
+    let (id, body) = answer("vic", "30.00");
+    publish_raw(&env.prefix, "payment.succeeded.v1", &id, &body).await;
+    let paid = app
+        .wait_until_final(&order_id, Duration::from_secs(10))
+        .await;
+    assert_eq!(paid.str("status"), "FINISHED");
 }

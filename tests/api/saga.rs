@@ -115,6 +115,22 @@ pub async fn publish_with_signature(
     body: &[u8],
     signature: Option<&str>,
 ) {
+    let headers: Vec<(&str, &str)> = signature
+        .map(|signature| (signing::HEADER, signature))
+        .into_iter()
+        .collect();
+    publish_with_headers(exchange, routing_key, message_id, body, &headers).await;
+}
+
+/// Publishes onto `exchange` with these AMQP headers, with publisher confirms, and asserts the
+/// broker routed it.
+pub async fn publish_with_headers(
+    exchange: &str,
+    routing_key: &str,
+    message_id: &str,
+    body: &[u8],
+    header_values: &[(&str, &str)],
+) {
     let connection = Connection::connect(AMQP, ConnectionProperties::default())
         .await
         .unwrap();
@@ -124,10 +140,10 @@ pub async fn publish_with_signature(
         .await
         .unwrap();
     let mut headers = lapin::types::FieldTable::default();
-    if let Some(signature) = signature {
+    for (name, value) in header_values {
         headers.insert(
-            signing::HEADER.into(),
-            lapin::types::AMQPValue::LongString(signature.into()),
+            (*name).into(),
+            lapin::types::AMQPValue::LongString((*value).into()),
         );
     }
     let properties = BasicProperties::default()
