@@ -3,7 +3,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use gozon::app::cli::{Cli, Command};
-use gozon::app::{self, Application, routes};
+use gozon::app::{self, Application, contexts, routes};
 use gozon::ops::audit::AuditSettings;
 use gozon::ops::telemetry::{self, LogFormat};
 
@@ -21,8 +21,17 @@ async fn main() -> anyhow::Result<()> {
             app::shutdown_on_signal(application.shutdown_token());
             application.run_until_stopped().await
         }
-        Command::Migrate { role, settings } => {
-            app::connect_and_migrate(&settings, role).await?;
+        Command::Migrate {
+            role,
+            orders_db_role,
+            payments_db_role,
+            settings,
+        } => {
+            let db_roles = [
+                (&contexts::ORDERS, orders_db_role.as_deref()),
+                (&contexts::PAYMENTS, payments_db_role.as_deref()),
+            ];
+            app::migrate(&settings, role, &db_roles).await?;
             tracing::info!(?role, "migrations applied");
             Ok(())
         }

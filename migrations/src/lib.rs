@@ -51,3 +51,35 @@ pub async fn migrate(db: &DatabaseConnection, context: Context) -> Result<(), Db
     }
     txn.commit().await
 }
+
+/// Lets `db_role` read and write the context's tables (and use its sequences), now and for
+/// tables later migrations create: the least a process serving the context needs. It gets no
+/// DDL rights and nothing on any other schema. Idempotent.
+pub async fn grant_dml(
+    db: &DatabaseConnection,
+    context: Context,
+    db_role: &str,
+) -> Result<(), DbErr> {
+    let valid = !db_role.is_empty()
+        && db_role.len() <= 63
+        && db_role
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !valid {
+        return Err(DbErr::Custom(format!(
+            "database role {db_role:?} must be 1-63 lowercase letters, digits or '_'"
+        )));
+    }
+    let schema = context.schema();
+    let txn = db.begin().await?;
+    txn.execute_unprepared(&format!(
+        "GRANT USAGE ON SCHEMA {schema} TO \"{db_role}\"; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO \"{db_role}\"; \
+         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO \"{db_role}\"; \
+         ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO \"{db_role}\"; \
+         ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT USAGE, SELECT ON SEQUENCES TO \"{db_role}\";"
+    ))
+    .await?;
+    txn.commit().await
+}

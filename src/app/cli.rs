@@ -27,10 +27,17 @@ pub enum Command {
         #[command(flatten)]
         settings: Settings,
     },
-    /// Create the database if needed and apply pending migrations, then exit.
+    /// Create the database if needed and apply pending migrations, then exit. Run it as the
+    /// schemas' owner; the serving processes can then connect as roles with DML rights only.
     Migrate {
         #[arg(long, env = "GOZON_ROLE", value_enum, default_value_t = Role::All)]
         role: Role,
+        /// A PostgreSQL role to grant DML (and nothing else) on the orders schema.
+        #[arg(long, env = "GOZON_ORDERS_DB_ROLE")]
+        orders_db_role: Option<String>,
+        /// A PostgreSQL role to grant DML (and nothing else) on the payments schema.
+        #[arg(long, env = "GOZON_PAYMENTS_DB_ROLE")]
+        payments_db_role: Option<String>,
         #[command(flatten)]
         settings: Settings,
     },

@@ -28,6 +28,11 @@ pub struct Settings {
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
 
+    /// Do not create the database or apply migrations on start: `gozon migrate` ran them, as
+    /// the schemas' owner, and this process connects with DML rights only.
+    #[arg(long, env = "GOZON_SKIP_MIGRATIONS")]
+    pub skip_migrations: bool,
+
     /// Most connections this process opens to PostgreSQL.
     #[arg(long, env = "GOZON_DB_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=1000))]
     pub db_max_connections: u32,
@@ -307,6 +312,7 @@ impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Settings")
             .field("database_url", &mask_password(&self.database_url))
+            .field("skip_migrations", &self.skip_migrations)
             .field("db_max_connections", &self.db_max_connections)
             .field("amqp_url", &mask_password(&self.amqp_url))
             .field("amqp_prefix", &self.amqp_prefix)

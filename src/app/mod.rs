@@ -40,20 +40,51 @@ pub struct Application {
     workers: JoinSet<()>,
 }
 
-/// Connects to the database (creating it if needed) and applies the role's migrations.
+/// Connects to the database (creating it if needed) and applies the role's migrations; with
+/// `--skip-migrations`, only connects.
 pub async fn connect_and_migrate(
     settings: &Settings,
     role: Role,
 ) -> anyhow::Result<DatabaseConnection> {
-    let db = db::connect(&settings.database_url, settings.db_max_connections)
-        .await
-        .with_context(|| format!("connecting to {}", mask_password(&settings.database_url)))?;
+    let (url, pool) = (&settings.database_url, settings.db_max_connections);
+    let connected = if settings.skip_migrations {
+        db::connect_existing(url, pool).await
+    } else {
+        db::connect(url, pool).await
+    };
+    let db = connected.with_context(|| format!("connecting to {}", mask_password(url)))?;
+    if settings.skip_migrations {
+        return Ok(db);
+    }
     for context in role.contexts() {
         migrations::migrate(&db, context.migrations)
             .await
             .with_context(|| format!("migrating the {} schema", context.schema()))?;
     }
     Ok(db)
+}
+
+/// `gozon migrate`: the role's migrations, then DML grants to the roles that serve each context.
+pub async fn migrate(
+    settings: &Settings,
+    role: Role,
+    db_roles: &[(&BoundedContext, Option<&str>)],
+) -> anyhow::Result<()> {
+    // Migrating is this command's purpose, whatever GOZON_SKIP_MIGRATIONS says for serving.
+    let settings = Settings {
+        skip_migrations: false,
+        ..settings.clone()
+    };
+    let db = connect_and_migrate(&settings, role).await?;
+    for (context, db_role) in db_roles {
+        if let Some(db_role) = db_role {
+            migrations::grant_dml(&db, context.migrations, db_role)
+                .await
+                .with_context(|| format!("granting {} to {db_role}", context.schema()))?;
+            tracing::info!(schema = context.schema(), db_role, "granted DML");
+        }
+    }
+    Ok(())
 }
 
 /// Every queue of the system: each process declares them all (see [`Broker::new`]).

@@ -10,6 +10,7 @@ mod faults;
 mod fuzz;
 mod helpers;
 mod idempotency;
+mod least_privilege;
 mod metrics;
 mod openapi;
 mod orders;
