@@ -87,8 +87,8 @@ async fn each_context_runs_as_its_own_role_and_cannot_touch_the_other_schema() {
         "denied",
         "no DDL"
     );
-    let drop = outcome(&orders_db, "DROP TABLE orders.orders").await;
-    assert!(drop.contains("must be owner"), "{drop}");
+    let dropped = outcome(&orders_db, "DROP TABLE orders.orders").await;
+    assert!(dropped.contains("must be owner"), "{dropped}");
     let payments_db = Database::connect(as_role(&payments_role)).await.unwrap();
     assert_eq!(
         outcome(&payments_db, "SELECT count(*) FROM orders.orders").await,
