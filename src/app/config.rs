@@ -63,6 +63,10 @@ pub struct Settings {
     #[arg(long, env = "GOZON_DELIVERY_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub delivery_limit: u32,
 
+    /// Deliveries a consumer handles at once (each in its own transaction).
+    #[arg(long, env = "GOZON_CONSUMER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub consumer_concurrency: u16,
+
     /// Unacknowledged deliveries a consumer holds at once.
     #[arg(long, env = "GOZON_PREFETCH", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
@@ -303,7 +307,8 @@ impl Settings {
 
     pub fn consumer(&self) -> ConsumerSettings {
         ConsumerSettings {
-            prefetch: self.prefetch,
+            prefetch: self.prefetch.max(self.consumer_concurrency),
+            concurrency: usize::from(self.consumer_concurrency),
         }
     }
 }
@@ -320,6 +325,7 @@ impl fmt::Debug for Settings {
             .field("message_key_previous", &self.message_key_previous.len())
             .field("delivery_limit", &self.delivery_limit)
             .field("prefetch", &self.prefetch)
+            .field("consumer_concurrency", &self.consumer_concurrency)
             .field("queue_expires_secs", &self.queue_expires_secs)
             .field("amqp_timeout_ms", &self.amqp_timeout_ms)
             .field("outbox_poll_ms", &self.outbox_poll_ms)

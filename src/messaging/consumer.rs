@@ -4,7 +4,10 @@
 
 use std::future::Future;
 
+use std::time::Duration;
+
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
@@ -98,6 +101,14 @@ pub trait Handler: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct ConsumerSettings {
     pub prefetch: u16,
+    /// Deliveries handled at once.
+    pub concurrency: usize,
+}
+
+fn lock(delays: &std::sync::Mutex<Delays>) -> std::sync::MutexGuard<'_, Delays> {
+    delays
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// One queue's consumer: its deliveries applied by `handler`, deduplicated through the inbox
@@ -161,32 +172,60 @@ impl<H: Handler> Consumer<H> {
             ))
             .await?;
         broker.links().set(task, true);
-        let mut requeue_delays = Delays::new();
+        // Up to `concurrency` deliveries are handled at once, each in its own transaction and
+        // acked after its own commit; the inbox and the per-order keys keep any interleaving
+        // safe. They run on this task, not spawned: nothing outlives the channel.
+        let requeue_delays = std::sync::Mutex::new(Delays::new());
+        let mut in_flight = FuturesUnordered::new();
         loop {
-            let delivery = tokio::select! {
-                next = deliveries.next() => next,
-                _ = shutdown.cancelled() => return Ok(()),
-            };
-            let delivery = match delivery {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(error)) => return Err(error.into()),
-                None => return Err(AmqpError::ConsumerCancelled),
-            };
-            let outcome = self
-                .handle_holding_through_outages(&delivery, shutdown)
-                .await;
-            if outcome.is_ok() {
-                requeue_delays = Delays::new();
+            let room = in_flight.len() < self.settings.concurrency.max(1);
+            tokio::select! {
+                done = in_flight.next(), if !in_flight.is_empty() => {
+                    if let Some(Err(error)) = done {
+                        return Err(error);
+                    }
+                }
+                next = deliveries.next(), if room => {
+                    let delivery = match next {
+                        Some(Ok(delivery)) => delivery,
+                        Some(Err(error)) => return Err(error.into()),
+                        None => return Err(AmqpError::ConsumerCancelled),
+                    };
+                    in_flight.push(self.process(delivery, queue_name, &requeue_delays, shutdown));
+                }
+                _ = shutdown.cancelled() => {
+                    // Let what is in hand finish (a held message gives up on shutdown).
+                    while let Some(done) = in_flight.next().await {
+                        done?;
+                    }
+                    return Ok(());
+                }
             }
-            self.settle(
-                &delivery,
-                outcome,
-                queue_name,
-                &mut requeue_delays,
-                shutdown,
-            )
-            .await?;
         }
+    }
+
+    /// Handles one delivery and acks, dead-letters or requeues it.
+    async fn process(
+        &self,
+        delivery: Delivery,
+        queue_name: &str,
+        requeue_delays: &std::sync::Mutex<Delays>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), AmqpError> {
+        let outcome = self
+            .handle_holding_through_outages(&delivery, shutdown)
+            .await;
+        let pause = match &outcome {
+            Ok(_) | Err(HandleError::Poison(_)) => {
+                if outcome.is_ok() {
+                    *lock(requeue_delays) = Delays::new();
+                }
+                Duration::ZERO
+            }
+            Err(_) => lock(requeue_delays).next_delay(),
+        };
+        self.settle(&delivery, outcome, queue_name, pause, shutdown)
+            .await
     }
 
     /// Acks, dead-letters or requeues `delivery` according to `outcome`.
@@ -195,7 +234,7 @@ impl<H: Handler> Consumer<H> {
         delivery: &Delivery,
         outcome: Result<Handled, HandleError>,
         queue_name: &str,
-        requeue_delays: &mut Delays,
+        pause: Duration,
         shutdown: &CancellationToken,
     ) -> Result<(), AmqpError> {
         let (broker, metrics) = (&self.broker, self.broker.metrics());
@@ -221,7 +260,6 @@ impl<H: Handler> Consumer<H> {
                 metrics.consumed(queue_name, "requeued");
                 // Pause before handing it back, so a failure that persists does not burn
                 // through the delivery limit in a tight loop.
-                let pause = requeue_delays.next_delay();
                 tracing::warn!(queue = queue_name, %reason, retry_in = ?pause, "message handling failed; requeueing");
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}

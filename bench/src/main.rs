@@ -1,0 +1,116 @@
+//! `gozon-bench`: load on a running Gozon deployment, measured as a client would, beside what
+//! PostgreSQL itself does with the same commits (pgbench, `bench/*.sql`) in the same run.
+//!
+//! Open-loop: orders are sent at a fixed rate, each at its scheduled time whether or not the
+//! server kept up, and an HTTP latency is counted from that scheduled time (a stall cannot hide).
+//! The saga's latency is the order's own creation -> final time. Results: a table, and JSON
+//! under bench/results/.
+
+mod load;
+mod pg;
+mod report;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "gozon-bench",
+    about = "Load benchmark of a running Gozon deployment"
+)]
+pub struct Args {
+    /// The deployment (a `gozon serve`, or the gateway).
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub base_url: String,
+    /// Where the payments API answers, when not at --base-url (split roles without a gateway).
+    #[arg(long)]
+    pub payments_url: Option<String>,
+    /// Its database, to read the run's orders and outbox backlog, and (another database on the
+    /// same server) for pgbench.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/gozon"
+    )]
+    pub database_url: String,
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// The deployment's exchange and queue prefix, to read the queues' depth.
+    #[arg(long, env = "GOZON_AMQP_PREFIX", default_value = "gozon")]
+    pub amqp_prefix: String,
+    /// Orders per second, spread over the users.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Seconds of load (per step with --find-max).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Users ordering: 80% with ample funds, 10% with too little, 10% without an account.
+    #[arg(long, default_value_t = 500)]
+    pub users: usize,
+    /// Raise the rate step by step until the saga's p99 passes 100 ms or a backlog is left.
+    #[arg(long)]
+    pub find_max: bool,
+    /// The highest rate --find-max tries.
+    #[arg(long, default_value_t = 2000.0)]
+    pub max_rate: f64,
+    /// Concurrency of the GET benchmarks and of pgbench.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Seconds of each GET benchmark and of each pgbench run.
+    #[arg(long, default_value_t = 5.0)]
+    pub fixed_secs: f64,
+    /// Skip pgbench (no ratios).
+    #[arg(long)]
+    pub skip_pgbench: bool,
+    /// Server processes whose peak memory (VmHWM) to report.
+    #[arg(long, value_delimiter = ',')]
+    pub pid: Vec<u32>,
+    /// A name for this run in the report (e.g. `all`, `split`).
+    #[arg(long, default_value = "run")]
+    pub label: String,
+    #[arg(long, default_value = "bench/results")]
+    pub out_dir: PathBuf,
+}
+
+impl Args {
+    pub fn payments(&self) -> &str {
+        self.payments_url.as_deref().unwrap_or(&self.base_url)
+    }
+
+    pub fn fixed(&self) -> Duration {
+        Duration::from_secs_f64(self.fixed_secs)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let db = gozon::db::connect_existing(&args.database_url, 4).await?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency.max(64))
+        .build()?;
+    let run = load::Run::new(&args, &client, &db).await?;
+    let steps = if args.find_max {
+        load::find_max(&args, &run).await?
+    } else {
+        vec![run.step(&args, args.rate).await?]
+    };
+    let reads = load::reads(&args, &run).await?;
+    let limits = if args.skip_pgbench {
+        None
+    } else {
+        Some(pg::limits(&args).await?)
+    };
+    let memory = report::peak_rss(&args.pid);
+    let report = report::Report::new(&args, steps, reads, limits, memory);
+    println!("{report}");
+    let path = report.save(&args.out_dir)?;
+    println!("saved {}", path.display());
+    Ok(())
+}
