@@ -80,6 +80,8 @@ pub async fn within<E: Endpoint>(ep: &E, request: Request, limit: Duration) -> R
 pub struct PostLimits(Option<Arc<Limits>>);
 
 struct Limits {
+    /// Made once: making a clock reads the CPU's features and calibrates.
+    clock: DefaultClock,
     per_client: DefaultKeyedRateLimiter<IpAddr>,
     per_user: DefaultKeyedRateLimiter<String>,
     checks: AtomicU64,
@@ -97,6 +99,7 @@ impl PostLimits {
             return PostLimits(None);
         }
         PostLimits(Some(Arc::new(Limits {
+            clock: DefaultClock::default(),
             per_client: RateLimiter::keyed(quota(per_client_per_sec)),
             per_user: RateLimiter::keyed(quota(per_user_per_sec)),
             checks: AtomicU64::new(0),
@@ -114,7 +117,6 @@ impl PostLimits {
             limits.per_client.retain_recent();
             limits.per_user.retain_recent();
         }
-        let clock = DefaultClock::default();
         let client = match request.remote_addr() {
             RemoteAddr(poem::Addr::SocketAddr(address)) => Some(address.ip()),
             _ => None,
@@ -124,7 +126,7 @@ impl PostLimits {
             let user = user_id(request)?;
             limits.per_user.check_key(&user).err()
         })?;
-        let seconds = retry_after(refused.wait_time_from(clock.now()));
+        let seconds = retry_after(refused.wait_time_from(limits.clock.now()));
         Some(
             ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
