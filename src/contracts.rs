@@ -45,6 +45,31 @@ impl Message for PaymentFailedV1 {
     const TYPE: &'static str = "payment.failed.v1";
 }
 
+/// Orders asks Payments to give an order's debited amount back (the order was cancelled or
+/// refunded after it was paid).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundRequestedV1 {
+    pub order_id: Uuid,
+    pub user_id: UserId,
+    pub amount: Money,
+}
+
+impl Message for RefundRequestedV1 {
+    const TYPE: &'static str = "refund.requested.v1";
+}
+
+/// Payments credited the order's amount back (once, whatever the redeliveries).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundCompletedV1 {
+    pub order_id: Uuid,
+    pub user_id: UserId,
+    pub amount: Money,
+}
+
+impl Message for RefundCompletedV1 {
+    const TYPE: &'static str = "refund.completed.v1";
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PaymentFailureReason {

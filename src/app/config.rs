@@ -150,6 +150,11 @@ pub struct Settings {
     #[arg(long, env = "GOZON_RATE_LIMIT_PER_USER", default_value_t = 100)]
     pub rate_limit_per_user: u32,
 
+    /// An order still NEW (no answer from Payments) after this many seconds is cancelled
+    /// (reason payment_timeout); a debit that lands later is refunded.
+    #[arg(long, env = "GOZON_PAYMENT_TIMEOUT_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub payment_timeout_secs: u64,
+
     /// Orders one user may have NEW (awaiting payment) at once; 0 for no limit.
     #[arg(long, env = "GOZON_MAX_NEW_ORDERS_PER_USER", default_value_t = 1_000)]
     pub max_new_orders_per_user: u32,
@@ -350,6 +355,7 @@ impl fmt::Debug for Settings {
             .field("rate_limit_per_client", &self.rate_limit_per_client)
             .field("rate_limit_per_user", &self.rate_limit_per_user)
             .field("max_new_orders_per_user", &self.max_new_orders_per_user)
+            .field("payment_timeout_secs", &self.payment_timeout_secs)
             .field("events_max_streams", &self.events_max_streams)
             .field(
                 "events_max_streams_per_user",

@@ -2,6 +2,7 @@
 //! queue it consumes, how it starts), iterated over by everything that runs a role.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use poem::IntoEndpoint;
 use poem::endpoint::BoxEndpoint;
@@ -19,7 +20,7 @@ use crate::messaging::outbox::{Housekeeper, Relay};
 use crate::ops::metrics::Metrics;
 use crate::orders::api::OrdersApi;
 use crate::orders::events::OrderEvents;
-use crate::orders::saga::PaymentResultHandler;
+use crate::orders::saga::{self, SagaHandler};
 use crate::payments::api::PaymentsApi;
 use crate::payments::handler::PaymentRequestHandler;
 use crate::web::idempotency;
@@ -53,8 +54,12 @@ pub const ORDERS: BoundedContext = BoundedContext {
     consumes: orders::PAYMENT_RESULTS,
     start: |workers| {
         let relay_wake = Arc::new(Notify::new());
-        let handler = PaymentResultHandler::new(workers.metrics.clone());
+        let handler = SagaHandler::new(workers.metrics.clone(), relay_wake.clone());
         workers.messaging(&ORDERS, &relay_wake, handler);
+        let timeout = Duration::from_secs(workers.settings.payment_timeout_secs);
+        let interval = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        let sweeper = saga::sweep_overdue(workers.db.clone(), timeout, interval, workers.shutdown.clone());
+        workers.tasks.spawn(sweeper);
         let events = OrderEvents::new(workers.settings.stream_limits());
         let listener = events
             .clone()

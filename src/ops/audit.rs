@@ -2,11 +2,13 @@
 //!
 //! This is an operator's view across the two contexts, so it is the one place that reads both
 //! schemas; it never writes. Invariants:
-//! - each account's balance equals its top-ups minus its debits (the ledger adds up);
-//! - money is conserved: top-ups = balances + FINISHED orders + debits still in flight;
-//! - every debit belongs to an existing order that is FINISHED (or still NEW, in flight);
-//! - every FINISHED order was debited exactly once, for its amount;
-//! - no order stays NEW longer than a threshold; no outbox row stays unsent longer than one.
+//! - each account's balance equals its top-ups and refunds minus its debits (the ledger adds up);
+//! - money is conserved: top-ups = balances + what orders hold (FINISHED, REFUNDING not yet
+//!   refunded, and unrefunded debits of NEW or CANCELLED orders);
+//! - every debit belongs to an existing order; every FINISHED order was debited exactly once,
+//!   for its amount; no order refunded twice; every REFUNDED order refunded, no FINISHED one;
+//! - no CANCELLED order left debited, no order REFUNDING or NEW, no outbox row unsent, longer
+//!   than a threshold.
 
 use std::fmt;
 use std::time::Duration;
@@ -40,6 +42,9 @@ pub struct Totals {
     pub top_ups_minor: i128,
     pub balances_minor: i128,
     pub finished_minor: i128,
+    /// REFUNDING orders whose refund Payments has not made yet.
+    pub refunding_minor: i128,
+    /// Debits of NEW or CANCELLED orders not refunded (yet).
     pub in_flight_debits_minor: i128,
     pub orders: i64,
     pub orders_new: i64,
@@ -72,12 +77,14 @@ impl fmt::Display for AuditReport {
         let t = &self.totals;
         writeln!(
             f,
-            "orders: {} ({} NEW); top-ups {} = balances {} + FINISHED {} + in-flight debits {}",
+            "orders: {} ({} NEW); top-ups {} = balances {} + FINISHED {} + REFUNDING {} + \
+             debits of NEW or CANCELLED orders {}",
             t.orders,
             t.orders_new,
             money(t.top_ups_minor),
             money(t.balances_minor),
             money(t.finished_minor),
+            money(t.refunding_minor),
             money(t.in_flight_debits_minor)
         )?;
         for check in &self.checks {
@@ -146,7 +153,7 @@ pub async fn audit(
     let mut checks = vec![
         check(
             db,
-            "every balance equals its top-ups minus its debits",
+            "every balance equals its top-ups and refunds minus its debits",
             BALANCE_MATCHES_LEDGER,
         )
         .await?,
@@ -163,6 +170,21 @@ pub async fn audit(
          ORDER BY created_at"
     );
     checks.push(check(db, "no order stuck in NEW", &stuck_new).await?);
+    let unrefunded = format!(
+        "SELECT format('order %s is CANCELLED (%s) since %s but debit %s of %s was not refunded', \
+                o.id, o.reason, o.updated_at, t.id, t.amount_minor) \
+         FROM orders.orders o JOIN payments.transactions t ON t.order_id = o.id AND t.kind = 'debit' \
+         WHERE o.status = 'CANCELLED' AND o.updated_at < clock_timestamp() - make_interval(secs => {stuck}) \
+         AND NOT EXISTS (SELECT 1 FROM payments.order_refunds r WHERE r.order_id = o.id) \
+         ORDER BY o.updated_at"
+    );
+    checks.push(check(db, "no CANCELLED order left debited once its refund had time", &unrefunded).await?);
+    let stuck_refunding = format!(
+        "SELECT format('order %s REFUNDING since %s', id, updated_at) FROM orders.orders \
+         WHERE status = 'REFUNDING' AND updated_at < clock_timestamp() - make_interval(secs => {stuck}) \
+         ORDER BY updated_at"
+    );
+    checks.push(check(db, "no order stuck in REFUNDING", &stuck_refunding).await?);
     let stuck_outbox = format!(
         "SELECT format('%s outbox message %s (%s) unsent since %s', schema, message_id, message_type, created_at) \
          FROM (SELECT 'orders' AS schema, * FROM orders.outbox UNION ALL \
@@ -187,10 +209,18 @@ async fn totals(db: &DatabaseConnection) -> Result<Totals, DbErr> {
             "SELECT sum(amount_minor) FROM orders.orders WHERE status = 'FINISHED'",
         )
         .await?,
+        refunding_minor: sum(
+            db,
+            "SELECT sum(o.amount_minor) FROM orders.orders o WHERE o.status = 'REFUNDING' \
+             AND NOT EXISTS (SELECT 1 FROM payments.order_refunds r WHERE r.order_id = o.id)",
+        )
+        .await?,
         in_flight_debits_minor: sum(
             db,
             "SELECT sum(t.amount_minor) FROM payments.transactions t \
-             JOIN orders.orders o ON o.id = t.order_id WHERE t.kind = 'debit' AND o.status = 'NEW'",
+             JOIN orders.orders o ON o.id = t.order_id WHERE t.kind = 'debit' \
+             AND o.status IN ('NEW', 'CANCELLED') \
+             AND NOT EXISTS (SELECT 1 FROM payments.order_refunds r WHERE r.order_id = o.id)",
         )
         .await?,
         orders: scalar(db, "SELECT count(*) FROM orders.orders").await?,
@@ -212,7 +242,7 @@ async fn check(db: &DatabaseConnection, name: &'static str, sql: &str) -> Result
 const BALANCE_MATCHES_LEDGER: &str = "SELECT format('account %s: balance %s, ledger says %s', a.user_id, a.balance_minor, \
         coalesce(l.net, 0)) \
  FROM payments.accounts a LEFT JOIN ( \
-     SELECT user_id, sum(CASE kind WHEN 'top_up' THEN amount_minor ELSE -amount_minor END) AS net \
+     SELECT user_id, sum(CASE kind WHEN 'debit' THEN -amount_minor ELSE amount_minor END) AS net \
      FROM payments.transactions GROUP BY user_id) l ON l.user_id = a.user_id \
  WHERE a.balance_minor <> coalesce(l.net, 0) ORDER BY a.user_id";
 
@@ -225,10 +255,11 @@ const DEBIT_CHECKS: [(&str, &str); 3] = [
          AND NOT EXISTS (SELECT 1 FROM orders.orders o WHERE o.id = t.order_id) ORDER BY t.id",
     ),
     (
-        "no CANCELLED order was debited",
-        "SELECT format('order %s is CANCELLED (%s) but debit %s took %s', o.id, o.reason, t.id, t.amount_minor) \
-         FROM orders.orders o JOIN payments.transactions t ON t.order_id = o.id \
-         WHERE o.status = 'CANCELLED' ORDER BY o.created_at",
+        "no order refunded twice, and every REFUNDED order refunded",
+        "SELECT format('order %s is %s with %s refund(s)', o.id, o.status, count(t.id)) \
+         FROM orders.orders o LEFT JOIN payments.transactions t ON t.order_id = o.id AND t.kind = 'refund' \
+         GROUP BY o.id, o.status HAVING count(t.id) > 1 OR (o.status = 'REFUNDED' AND count(t.id) <> 1) \
+         OR (o.status = 'FINISHED' AND count(t.id) > 0)",
     ),
     (
         "every FINISHED order was debited exactly once, for its amount",
@@ -245,21 +276,23 @@ fn conservation(totals: &Totals) -> Check {
     let held = totals
         .balances_minor
         .checked_add(totals.finished_minor)
+        .and_then(|sum| sum.checked_add(totals.refunding_minor))
         .and_then(|sum| sum.checked_add(totals.in_flight_debits_minor));
     let problems = if held == Some(totals.top_ups_minor) {
         Vec::new()
     } else {
         vec![format!(
-            "top-ups {} but balances {} + FINISHED {} + in flight {} = {}",
+            "top-ups {} but balances {} + FINISHED {} + REFUNDING {} + in flight {} = {}",
             money(totals.top_ups_minor),
             money(totals.balances_minor),
             money(totals.finished_minor),
+            money(totals.refunding_minor),
             money(totals.in_flight_debits_minor),
             held.map_or_else(|| "more than 128 bits".to_owned(), money)
         )]
     };
     Check {
-        name: "money conserved: top-ups = balances + FINISHED orders + in-flight debits",
+        name: "money conserved: top-ups = balances + FINISHED + REFUNDING + unrefunded debits of NEW or CANCELLED orders",
         problems,
     }
 }

@@ -13,10 +13,10 @@ use sea_orm::{DatabaseConnection, DatabaseTransaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::contracts::PaymentFailureReason;
 use crate::kernel::user_id::UserId;
-use crate::orders::domain::{Order, OrderCursor, OrderId, OrderStatus};
-use crate::orders::events::{FollowError, OrderEvents};
+use crate::orders::domain::{CancelReason, Order, OrderCursor, OrderId, OrderStatus};
+use crate::orders::events::{self, FollowError, OrderEvents};
+use crate::orders::store::Cancelled;
 use crate::orders::{OrdersError, SCHEMA, saga, store};
 use crate::statuses;
 use crate::web::auth::{Caller, FORBIDDEN_DOC, StreamCaller, UNAUTHORIZED_DOC, issue_ticket};
@@ -77,9 +77,16 @@ pub enum OrderStatusBody {
     /// Paid.
     #[oai(rename = "FINISHED")]
     Finished,
-    /// Not paid; `reason` says why.
+    /// Not paid, or given up before it was; `reason` says why. A debit that still lands is
+    /// refunded.
     #[oai(rename = "CANCELLED")]
     Cancelled,
+    /// Paid, then cancelled: its refund is on its way.
+    #[oai(rename = "REFUNDING")]
+    Refunding,
+    /// Paid, then refunded: the amount is back on the account.
+    #[oai(rename = "REFUNDED")]
+    Refunded,
 }
 
 #[derive(Debug, Clone, Copy, Enum)]
@@ -89,6 +96,10 @@ pub enum CancelReasonBody {
     NoAccount,
     /// The balance was lower than the amount.
     InsufficientFunds,
+    /// The person cancelled it before it was paid.
+    CancelledByUser,
+    /// Payments did not answer within the payment timeout.
+    PaymentTimeout,
 }
 
 /// An order.
@@ -115,10 +126,14 @@ impl From<Order> for OrderBody {
                 OrderStatus::New => OrderStatusBody::New,
                 OrderStatus::Finished => OrderStatusBody::Finished,
                 OrderStatus::Cancelled(_) => OrderStatusBody::Cancelled,
+                OrderStatus::Refunding => OrderStatusBody::Refunding,
+                OrderStatus::Refunded => OrderStatusBody::Refunded,
             },
             reason: order.status.reason().map(|reason| match reason {
-                PaymentFailureReason::NoAccount => CancelReasonBody::NoAccount,
-                PaymentFailureReason::InsufficientFunds => CancelReasonBody::InsufficientFunds,
+                CancelReason::NoAccount => CancelReasonBody::NoAccount,
+                CancelReason::InsufficientFunds => CancelReasonBody::InsufficientFunds,
+                CancelReason::CancelledByUser => CancelReasonBody::CancelledByUser,
+                CancelReason::PaymentTimeout => CancelReasonBody::PaymentTimeout,
             }),
             created_at: order.created_at,
             updated_at: order.updated_at,
@@ -157,6 +172,19 @@ statuses!(CreateOrder:
     422 => "The Idempotency-Key was used before with other parameters (`idempotency_key_reused`).",
     429 => "Too many requests (`rate_limited`, with `Retry-After`), or the user has as many NEW\n\
             orders as allowed at once (`too_many_new_orders`).",
+    500 => "",
+    503 => "The database is unreachable; retry later.",
+);
+
+statuses!(CancelOrder:
+    200 => "The order after the cancel: CANCELLED (`cancelled_by_user`) if it was NEW, REFUNDING if it\n\
+            was FINISHED (it becomes REFUNDED once Payments gave the money back), unchanged if it\n\
+            was already CANCELLED, REFUNDING or REFUNDED.",
+    400 => "`id` or `Idempotency-Key` is missing or malformed.",
+    401 => UNAUTHORIZED_DOC,
+    404 => "No order has this id, or none the token's user may see (`order_not_found`).",
+    422 => "The Idempotency-Key was used before with other parameters (`idempotency_key_reused`).",
+    429 => "Too many requests (`rate_limited`, with `Retry-After`).",
     500 => "",
     503 => "The database is unreachable; retry later.",
 );
@@ -223,6 +251,12 @@ const CREATE: IdempotentPost = IdempotentPost {
     schema: SCHEMA,
     endpoint: "create_order",
     status: StatusCode::CREATED,
+};
+
+const CANCEL: IdempotentPost = IdempotentPost {
+    schema: SCHEMA,
+    endpoint: "cancel_order",
+    status: StatusCode::OK,
 };
 
 /// How often an idle event stream sends a comment, so proxies keep it open.
@@ -294,6 +328,54 @@ impl OrdersApi {
             Ok::<_, ApiError>(order)
         };
         create.await.map(Json).into()
+    }
+
+    /// Cancel an order: a NEW one is CANCELLED at once (a debit that still lands is refunded);
+    /// a FINISHED one is refunded (REFUNDING, then REFUNDED). Cancelling again changes nothing.
+    #[oai(path = "/cancel_order", method = "post")]
+    async fn cancel_order(
+        &self,
+        caller: Caller,
+        request: &poem::Request,
+        id: Query<String>,
+        /// Optional: a retry with the same key gets the first response.
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
+    ) -> Reply<Json<OrderBody>, CancelOrder> {
+        let cancel = async {
+            let id = OrderId::parse(&id).map_err(|error| invalid("invalid_order_id", error))?;
+            let correlation_id = correlation_id(request);
+            let (mut refund, caller_ref) = (false, &caller);
+            let effect = async |txn: &DatabaseTransaction| {
+                let (order, changed) = match store::cancel_order(txn, id).await? {
+                    Cancelled::NotFound => (None, false),
+                    Cancelled::Unchanged(order) => (Some(order), false),
+                    Cancelled::Cancelled(order) => (Some(order), true),
+                    Cancelled::Refunding(order) => {
+                        saga::request_refund(txn, &order, &correlation_id).await?;
+                        refund = true;
+                        (Some(order), true)
+                    }
+                };
+                // Someone else's order is answered as if it did not exist (and is not touched:
+                // the transaction rolls back).
+                let order = order.filter(|order| caller_ref.may_read(&order.user_id));
+                let order = order.ok_or_else(|| ApiError::from(OrdersError::OrderNotFound))?;
+                if changed {
+                    events::notify_changed(txn, &order).await?;
+                }
+                Ok(OrderBody::from(order))
+            };
+            let fingerprint = format!("id={id}");
+            let order = CANCEL
+                .run(&self.db, &caller, idempotency_key.as_deref(), &fingerprint, effect)
+                .await?;
+            if refund {
+                self.relay_wake.notify_one();
+            }
+            Ok::<_, ApiError>(order)
+        };
+        cancel.await.map(Json).into()
     }
 
     /// Read one order and its status.

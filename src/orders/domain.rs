@@ -45,13 +45,62 @@ impl fmt::Display for OrderId {
     }
 }
 
-/// NEW until Payments answers; then FINISHED (paid) or CANCELLED (with the reason). Final
-/// states never change again.
+/// An order's life:
+///
+/// ```text
+/// NEW --paid--> FINISHED --cancel--> REFUNDING --refunded--> REFUNDED
+///  |--refused (no_account, insufficient_funds)--> CANCELLED
+///  |--cancel (cancelled_by_user)----------------> CANCELLED
+///  '--no answer in time (payment_timeout)-------> CANCELLED
+/// ```
+/// A debit that still lands on a CANCELLED order is refunded; the order stays CANCELLED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OrderStatus {
     New,
     Finished,
-    Cancelled(PaymentFailureReason),
+    Cancelled(CancelReason),
+    Refunding,
+    Refunded,
+}
+
+/// Why an order was cancelled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelReason {
+    NoAccount,
+    InsufficientFunds,
+    CancelledByUser,
+    PaymentTimeout,
+}
+
+impl CancelReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelReason::NoAccount => "no_account",
+            CancelReason::InsufficientFunds => "insufficient_funds",
+            CancelReason::CancelledByUser => "cancelled_by_user",
+            CancelReason::PaymentTimeout => "payment_timeout",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<CancelReason> {
+        [
+            CancelReason::NoAccount,
+            CancelReason::InsufficientFunds,
+            CancelReason::CancelledByUser,
+            CancelReason::PaymentTimeout,
+        ]
+        .into_iter()
+        .find(|reason| reason.as_str() == text)
+    }
+}
+
+impl From<PaymentFailureReason> for CancelReason {
+    fn from(reason: PaymentFailureReason) -> Self {
+        match reason {
+            PaymentFailureReason::NoAccount => CancelReason::NoAccount,
+            PaymentFailureReason::InsufficientFunds => CancelReason::InsufficientFunds,
+        }
+    }
 }
 
 impl OrderStatus {
@@ -60,15 +109,26 @@ impl OrderStatus {
             OrderStatus::New => "NEW",
             OrderStatus::Finished => "FINISHED",
             OrderStatus::Cancelled(_) => "CANCELLED",
+            OrderStatus::Refunding => "REFUNDING",
+            OrderStatus::Refunded => "REFUNDED",
         }
     }
 
-    pub fn reason(self) -> Option<PaymentFailureReason> {
+    pub fn reason(self) -> Option<CancelReason> {
         match self {
             OrderStatus::Cancelled(reason) => Some(reason),
             _ => None,
         }
     }
+}
+
+/// Whether an order's debited money is being given back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refund {
+    None,
+    /// Asked of Payments, not yet confirmed.
+    Requested,
+    Refunded,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,6 +137,7 @@ pub struct Order {
     pub user_id: UserId,
     pub amount: Money,
     pub status: OrderStatus,
+    pub refund: Refund,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

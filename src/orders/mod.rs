@@ -9,7 +9,7 @@ pub mod events;
 pub mod saga;
 pub mod store;
 
-use crate::contracts::{PaymentFailedV1, PaymentSucceededV1};
+use crate::contracts::{PaymentFailedV1, PaymentSucceededV1, RefundCompletedV1};
 use crate::messaging::amqp::QueueSpec;
 use crate::messaging::envelope::Message;
 
@@ -19,7 +19,11 @@ pub const SCHEMA: &str = migrations::Context::Orders.schema();
 /// The queue Orders consumes: Payments' answers. Its name is also the inbox's consumer name.
 pub const PAYMENT_RESULTS: QueueSpec = QueueSpec {
     suffix: "orders.payment-results",
-    message_types: &[PaymentSucceededV1::TYPE, PaymentFailedV1::TYPE],
+    message_types: &[
+        PaymentSucceededV1::TYPE,
+        PaymentFailedV1::TYPE,
+        RefundCompletedV1::TYPE,
+    ],
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -4,16 +4,16 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
 use uuid::Uuid;
 
-use crate::contracts::PaymentFailureReason;
 use crate::kernel::money::Money;
 use crate::kernel::user_id::UserId;
-use crate::orders::domain::{Order, OrderCursor, OrderId, OrderStatus};
+use crate::orders::domain::{CancelReason, Order, OrderCursor, OrderId, OrderStatus, Refund};
 
 fn statement<I: IntoIterator<Item = Value>>(sql: &str, values: I) -> Statement {
     Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
 }
 
-const ORDER_COLUMNS: &str = "id, user_id, amount_minor, status, reason, created_at, updated_at";
+const ORDER_COLUMNS: &str =
+    "id, user_id, amount_minor, status, reason, refund_state, created_at, updated_at";
 
 #[derive(FromQueryResult)]
 struct OrderRow {
@@ -22,6 +22,7 @@ struct OrderRow {
     amount_minor: i64,
     status: String,
     reason: Option<String>,
+    refund_state: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -33,19 +34,25 @@ impl OrderRow {
         let status = match (self.status.as_str(), self.reason.as_deref()) {
             ("NEW", None) => OrderStatus::New,
             ("FINISHED", None) => OrderStatus::Finished,
-            ("CANCELLED", Some("no_account")) => {
-                OrderStatus::Cancelled(PaymentFailureReason::NoAccount)
-            }
-            ("CANCELLED", Some("insufficient_funds")) => {
-                OrderStatus::Cancelled(PaymentFailureReason::InsufficientFunds)
-            }
+            ("CANCELLED", Some(reason)) => OrderStatus::Cancelled(
+                CancelReason::parse(reason).ok_or_else(|| corrupt("reason"))?,
+            ),
+            ("REFUNDING", None) => OrderStatus::Refunding,
+            ("REFUNDED", None) => OrderStatus::Refunded,
             _ => return Err(corrupt("status")),
+        };
+        let refund = match self.refund_state.as_deref() {
+            None => Refund::None,
+            Some("requested") => Refund::Requested,
+            Some("refunded") => Refund::Refunded,
+            Some(_) => return Err(corrupt("refund_state")),
         };
         Ok(Order {
             id: OrderId::from_uuid(self.id),
             user_id: UserId::parse(&self.user_id).map_err(|_| corrupt("user_id"))?,
             amount: Money::from_minor(self.amount_minor).ok_or_else(|| corrupt("amount"))?,
             status,
+            refund,
             created_at: self.created_at,
             updated_at: self.updated_at,
         })
@@ -187,4 +194,117 @@ pub async fn settle_order(
         Some(order) => Settlement::AlreadyFinal(order),
         None => Settlement::Unknown,
     })
+}
+
+/// Runs an UPDATE ... RETURNING the order's columns; the order if a row matched.
+async fn update_returning<I: IntoIterator<Item = Value>>(
+    conn: &impl ConnectionTrait,
+    sql: &str,
+    values: I,
+) -> Result<Option<Order>, DbErr> {
+    OrderRow::find_by_statement(statement(&format!("{sql} RETURNING {ORDER_COLUMNS}"), values))
+        .one(conn)
+        .await?
+        .map(OrderRow::into_order)
+        .transpose()
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancelled {
+    /// NEW -> CANCELLED (cancelled_by_user).
+    Cancelled(Order),
+    /// FINISHED -> REFUNDING: the caller requests the refund in the same transaction.
+    Refunding(Order),
+    /// Already CANCELLED, REFUNDING or REFUNDED: nothing to do.
+    Unchanged(Order),
+    NotFound,
+}
+
+/// Cancels an order: a NEW one is CANCELLED, a FINISHED one goes REFUNDING. The row is locked
+/// first, so a payment answer for it waits and then finds it no longer NEW.
+pub async fn cancel_order(conn: &impl ConnectionTrait, id: OrderId) -> Result<Cancelled, DbErr> {
+    let locked = OrderRow::find_by_statement(statement(
+        &format!("SELECT {ORDER_COLUMNS} FROM orders.orders WHERE id = $1 FOR UPDATE"),
+        [id.as_uuid().into()],
+    ))
+    .one(conn)
+    .await?;
+    let Some(order) = locked.map(OrderRow::into_order).transpose()? else {
+        return Ok(Cancelled::NotFound);
+    };
+    let set = "UPDATE orders.orders SET updated_at = clock_timestamp(),";
+    let (sql, to): (String, fn(Order) -> Cancelled) = match order.status {
+        OrderStatus::New => (
+            format!("{set} status = 'CANCELLED', reason = 'cancelled_by_user' WHERE id = $1"),
+            Cancelled::Cancelled,
+        ),
+        OrderStatus::Finished => (
+            format!("{set} status = 'REFUNDING', refund_state = 'requested' WHERE id = $1"),
+            Cancelled::Refunding,
+        ),
+        _ => return Ok(Cancelled::Unchanged(order)),
+    };
+    let updated = update_returning(conn, &sql, [id.as_uuid().into()]).await?;
+    Ok(updated.map_or(Cancelled::NotFound, to))
+}
+
+/// Marks a CANCELLED order whose debit still landed as owed a refund; None if it was marked
+/// already (or is not such an order). The caller requests the refund in the same transaction.
+pub async fn owe_refund(
+    conn: &impl ConnectionTrait,
+    id: OrderId,
+) -> Result<Option<Order>, DbErr> {
+    update_returning(
+        conn,
+        "UPDATE orders.orders SET refund_state = 'requested', updated_at = clock_timestamp() \
+         WHERE id = $1 AND status = 'CANCELLED' AND refund_state IS NULL",
+        [id.as_uuid().into()],
+    )
+    .await
+}
+
+/// Records that Payments gave an order's money back: REFUNDING -> REFUNDED, a CANCELLED one
+/// keeps its status. None when it was recorded already, or no refund was asked for it.
+pub async fn refund_completed(
+    conn: &impl ConnectionTrait,
+    id: OrderId,
+    user: &UserId,
+    amount: Money,
+) -> Result<Option<Order>, DbErr> {
+    update_returning(
+        conn,
+        "UPDATE orders.orders SET refund_state = 'refunded', updated_at = clock_timestamp(), \
+         status = CASE status WHEN 'REFUNDING' THEN 'REFUNDED' ELSE status END \
+         WHERE id = $1 AND refund_state = 'requested' AND user_id = $2 AND amount_minor = $3",
+        [id.as_uuid().into(), user.as_str().into(), amount.minor().into()],
+    )
+    .await
+}
+
+/// Cancels (payment_timeout) up to `limit` orders still NEW after `timeout`. SKIP LOCKED: any
+/// number of instances sweep at once, each order once; the lock also waits out an answer
+/// being applied to the same order.
+pub async fn cancel_overdue(
+    conn: &impl ConnectionTrait,
+    timeout: std::time::Duration,
+    limit: u64,
+) -> Result<Vec<Order>, DbErr> {
+    let secs = timeout.as_secs_f64();
+    OrderRow::find_by_statement(statement(
+        &format!(
+            "UPDATE orders.orders SET status = 'CANCELLED', reason = 'payment_timeout', \
+             updated_at = clock_timestamp() WHERE id IN ( \
+                 SELECT id FROM orders.orders WHERE status = 'NEW' \
+                 AND created_at < clock_timestamp() - make_interval(secs => {secs}) \
+                 ORDER BY created_at LIMIT {limit} FOR UPDATE SKIP LOCKED) \
+             AND status = 'NEW' RETURNING {ORDER_COLUMNS}"
+        ),
+        [],
+    ))
+    .all(conn)
+    .await?
+    .into_iter()
+    .map(OrderRow::into_order)
+    .collect()
 }

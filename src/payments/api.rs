@@ -59,6 +59,7 @@ impl From<Account> for AccountBody {
 pub enum EntryKindBody {
     TopUp,
     Debit,
+    Refund,
 }
 
 /// One balance change.
@@ -68,7 +69,7 @@ pub struct LedgerEntryBody {
     pub kind: EntryKindBody,
     /// Always positive; `kind` says which way it went.
     pub amount: String,
-    /// The order paid, for a debit.
+    /// The order paid, for a debit; refunded, for a refund.
     pub order_id: Option<uuid::Uuid>,
     pub balance_after: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
@@ -81,6 +82,7 @@ impl From<LedgerEntry> for LedgerEntryBody {
             kind: match entry.kind {
                 EntryKind::TopUp => EntryKindBody::TopUp,
                 EntryKind::Debit => EntryKindBody::Debit,
+                EntryKind::Refund => EntryKindBody::Refund,
             },
             amount: entry.amount.to_string(),
             order_id: entry.order_id,

@@ -24,6 +24,7 @@ pub enum DebitOutcome {
 pub enum EntryKind {
     TopUp,
     Debit,
+    Refund,
 }
 
 /// One row of the ledger: every balance change is one.

@@ -1,16 +1,21 @@
 //! Payments' side of the saga: a `PaymentRequestedV1` in, one debit (or refusal) and one
-//! answer in the outbox, all in one transaction with the inbox record.
+//! answer in the outbox; a `RefundRequestedV1` in, one credit back and one answer; each in one
+//! transaction with the inbox record.
 
 use std::sync::Arc;
 
 use sea_orm::DatabaseTransaction;
 use tokio::sync::Notify;
 
-use crate::contracts::{PaymentFailedV1, PaymentRequestedV1, PaymentSucceededV1};
+use crate::contracts::{
+    PaymentFailedV1, PaymentRequestedV1, PaymentSucceededV1, RefundCompletedV1,
+    RefundRequestedV1,
+};
 use crate::messaging::consumer::{HandleError, Handler, Incoming};
 use crate::messaging::envelope::{Envelope, Message};
 use crate::messaging::outbox;
 use crate::payments::domain::DebitOutcome;
+use crate::payments::store::RefundOutcome;
 use crate::payments::{SCHEMA, store};
 
 pub struct PaymentRequestHandler {
@@ -24,53 +29,103 @@ impl PaymentRequestHandler {
     }
 }
 
+/// What Orders asks of Payments.
+#[derive(Debug, Clone)]
+pub enum Request {
+    Debit(PaymentRequestedV1),
+    Refund(RefundRequestedV1),
+}
+
 impl Handler for PaymentRequestHandler {
-    type Message = PaymentRequestedV1;
+    type Message = Request;
     type Applied = ();
 
-    fn decode(&self, envelope: &Envelope) -> Result<PaymentRequestedV1, HandleError> {
-        if envelope.message_type != PaymentRequestedV1::TYPE {
-            return Err(HandleError::poison(format!(
-                "unexpected message type {:?}",
-                envelope.message_type
-            )));
+    fn decode(&self, envelope: &Envelope) -> Result<Request, HandleError> {
+        match envelope.message_type.as_str() {
+            PaymentRequestedV1::TYPE => envelope
+                .payload_as()
+                .map(Request::Debit)
+                .map_err(HandleError::poison),
+            RefundRequestedV1::TYPE => envelope
+                .payload_as()
+                .map(Request::Refund)
+                .map_err(HandleError::poison),
+            other => Err(HandleError::poison(format!(
+                "unexpected message type {other:?}"
+            ))),
         }
-        envelope.payload_as().map_err(HandleError::poison)
     }
 
     async fn apply(
         &self,
         txn: &DatabaseTransaction,
-        incoming: Incoming<PaymentRequestedV1>,
+        incoming: Incoming<Request>,
     ) -> Result<(), HandleError> {
-        let request = incoming.message;
-        let outcome =
-            store::debit_for_order(txn, request.order_id, &request.user_id, request.amount).await?;
         let correlation_id = incoming.correlation_id.as_str();
-        match outcome {
-            DebitOutcome::Debited => {
-                let answer = PaymentSucceededV1 {
-                    order_id: request.order_id,
-                    user_id: request.user_id,
-                    amount: request.amount,
-                };
-                outbox::enqueue(txn, SCHEMA, &answer, correlation_id).await?;
-            }
-            DebitOutcome::Refused(reason) => {
-                let answer = PaymentFailedV1 {
-                    order_id: request.order_id,
-                    user_id: request.user_id,
-                    amount: request.amount,
-                    reason,
-                };
-                outbox::enqueue(txn, SCHEMA, &answer, correlation_id).await?;
-            }
+        match incoming.message {
+            Request::Debit(request) => debit(txn, request, correlation_id).await,
+            Request::Refund(request) => refund(txn, request, correlation_id).await,
         }
-        tracing::info!(order_id = %request.order_id, ?outcome, "payment decided");
-        Ok(())
     }
 
     fn committed(&self, (): ()) {
         self.relay_wake.notify_one();
     }
+}
+
+/// Debits the order once and answers PaymentSucceeded or PaymentFailed.
+async fn debit(
+    txn: &DatabaseTransaction,
+    request: PaymentRequestedV1,
+    correlation_id: &str,
+) -> Result<(), HandleError> {
+    let outcome =
+        store::debit_for_order(txn, request.order_id, &request.user_id, request.amount).await?;
+    let order_id = request.order_id;
+    match outcome {
+        DebitOutcome::Debited => {
+            let answer = PaymentSucceededV1 {
+                order_id,
+                user_id: request.user_id,
+                amount: request.amount,
+            };
+            outbox::enqueue(txn, SCHEMA, &answer, correlation_id).await?;
+        }
+        DebitOutcome::Refused(reason) => {
+            let answer = PaymentFailedV1 {
+                order_id,
+                user_id: request.user_id,
+                amount: request.amount,
+                reason,
+            };
+            outbox::enqueue(txn, SCHEMA, &answer, correlation_id).await?;
+        }
+    }
+    tracing::info!(%order_id, ?outcome, "payment decided");
+    Ok(())
+}
+
+/// Gives the order's debit back once and answers RefundCompleted (again, for a repeated
+/// request: the answer is idempotent on Orders' side).
+async fn refund(
+    txn: &DatabaseTransaction,
+    request: RefundRequestedV1,
+    correlation_id: &str,
+) -> Result<(), HandleError> {
+    let order_id = request.order_id;
+    let outcome = store::refund_order(txn, order_id, &request.user_id, request.amount).await?;
+    if outcome == RefundOutcome::NotDebited {
+        return Err(HandleError::poison(format!(
+            "refund of order {order_id}, which was not debited for {} and {}",
+            request.user_id, request.amount
+        )));
+    }
+    let answer = RefundCompletedV1 {
+        order_id,
+        user_id: request.user_id,
+        amount: request.amount,
+    };
+    outbox::enqueue(txn, SCHEMA, &answer, correlation_id).await?;
+    tracing::info!(%order_id, ?outcome, "refund decided");
+    Ok(())
 }

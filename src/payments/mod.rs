@@ -8,18 +8,18 @@ pub mod domain;
 pub mod handler;
 pub mod store;
 
-use crate::contracts::PaymentRequestedV1;
+use crate::contracts::{PaymentRequestedV1, RefundRequestedV1};
 use crate::messaging::amqp::QueueSpec;
 use crate::messaging::envelope::Message;
 
 /// The schema Payments owns, as its migrator names it.
 pub const SCHEMA: &str = migrations::Context::Payments.schema();
 
-/// The queue Payments consumes: requests to debit an order. Its name is also the inbox's
+/// The queue Payments consumes: requests to debit an order, and to refund one. Its name is also the inbox's
 /// consumer name.
 pub const PAYMENT_REQUESTS: QueueSpec = QueueSpec {
     suffix: "payments.payment-requests",
-    message_types: &[PaymentRequestedV1::TYPE],
+    message_types: &[PaymentRequestedV1::TYPE, RefundRequestedV1::TYPE],
 };
 
 #[derive(Debug, thiserror::Error)]

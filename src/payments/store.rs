@@ -177,6 +177,66 @@ pub async fn debit_for_order(
     Ok(outcome)
 }
 
+/// What a refund request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefundOutcome {
+    /// The amount is back on the account now.
+    Refunded,
+    /// It was given back before: nothing done again.
+    AlreadyRefunded,
+    /// No debit of this order, for this user and amount, to give back.
+    NotDebited,
+}
+
+/// Gives an order's debit back at most once, ever. The INSERT into `order_refunds` claims the
+/// refund (the primary key serialises two requests for one order, as `order_payments` does
+/// for the debit) and only copies a debit that happened, for this user and amount; then one
+/// statement credits the account and writes the ledger row. A refund is not held to the
+/// balance cap: it returns money the account already held.
+pub async fn refund_order(
+    conn: &impl ConnectionTrait,
+    order_id: Uuid,
+    user: &UserId,
+    amount: Money,
+) -> Result<RefundOutcome, DbErr> {
+    let claimed = conn
+        .execute_raw(statement(
+            "INSERT INTO payments.order_refunds (order_id, user_id, amount_minor) \
+             SELECT order_id, user_id, amount_minor FROM payments.order_payments \
+             WHERE order_id = $1 AND user_id = $2 AND amount_minor = $3 AND outcome = 'debited' \
+             ON CONFLICT (order_id) DO NOTHING",
+            [order_id.into(), user.as_str().into(), amount.minor().into()],
+        ))
+        .await?
+        .rows_affected()
+        == 1;
+    if !claimed {
+        let refunded = conn
+            .query_one_raw(statement(
+                "SELECT 1 FROM payments.order_refunds WHERE order_id = $1",
+                [order_id.into()],
+            ))
+            .await?
+            .is_some();
+        return Ok(if refunded {
+            RefundOutcome::AlreadyRefunded
+        } else {
+            RefundOutcome::NotDebited
+        });
+    }
+    conn.execute_raw(statement(
+        "WITH credited AS ( \
+             UPDATE payments.accounts \
+             SET balance_minor = balance_minor + $2, updated_at = clock_timestamp() \
+             WHERE user_id = $1 RETURNING user_id, balance_minor) \
+         INSERT INTO payments.transactions (user_id, kind, amount_minor, order_id, balance_after_minor) \
+         SELECT user_id, 'refund', $2, $3, balance_minor FROM credited",
+        [user.as_str().into(), amount.minor().into(), order_id.into()],
+    ))
+    .await?;
+    Ok(RefundOutcome::Refunded)
+}
+
 async fn decided_outcome(
     conn: &impl ConnectionTrait,
     order_id: Uuid,
@@ -238,6 +298,7 @@ pub async fn ledger(
                 kind: match row.kind.as_str() {
                     "top_up" => EntryKind::TopUp,
                     "debit" => EntryKind::Debit,
+                    "refund" => EntryKind::Refund,
                     other => return Err(DbErr::Custom(format!("unknown ledger kind {other}"))),
                 },
                 amount: money(row.amount_minor)?,

@@ -88,6 +88,11 @@ impl TestEnv {
             "120",
             "--db-max-connections",
             "8",
+            // Tests about something else must not trip the rate limits (edge.rs sets its own).
+            "--rate-limit-per-client",
+            "0",
+            "--rate-limit-per-user",
+            "0",
         ]);
         match cli.command {
             Command::Serve { settings, .. } => settings,

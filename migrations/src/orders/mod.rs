@@ -5,6 +5,7 @@ use sea_orm_migration::prelude::*;
 mod m20261125_000001_create_orders;
 mod m20261125_000002_create_idempotency_keys;
 mod m20261125_000003_index_new_orders_by_user;
+mod m20261125_000004_order_lifecycle;
 
 pub struct Migrator;
 
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000001_create_orders::Migration),
             Box::new(m20261125_000002_create_idempotency_keys::Migration),
             Box::new(m20261125_000003_index_new_orders_by_user::Migration),
+            Box::new(m20261125_000004_order_lifecycle::Migration),
         ]
     }
 

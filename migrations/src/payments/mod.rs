@@ -4,6 +4,7 @@ use sea_orm_migration::prelude::*;
 
 mod m20261125_000001_create_accounts;
 mod m20261125_000002_create_idempotency_keys;
+mod m20261125_000003_create_refunds;
 
 pub struct Migrator;
 
@@ -13,6 +14,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261125_000001_create_accounts::Migration),
             Box::new(m20261125_000002_create_idempotency_keys::Migration),
+            Box::new(m20261125_000003_create_refunds::Migration),
         ]
     }
 
