@@ -188,13 +188,12 @@ async fn settle(
         Settlement::AlreadyFinal(order) => {
             let paid = status == OrderStatus::Finished;
             let cancelled = matches!(order.status, OrderStatus::Cancelled(_));
-            if paid && cancelled && order.refund == Refund::None {
-                if let Some(order) = store::owe_refund(txn, id).await? {
-                    tracing::info!(order_id = %id, "a debit landed on a cancelled order");
-                    request_refund(txn, &order, correlation_id).await?;
-                    events::notify_changed(txn, &order).await?;
-                    return Ok(Applied::Refund);
-                }
+            let owed = paid && cancelled && order.refund == Refund::None;
+            if owed && let Some(order) = store::owe_refund(txn, id).await? {
+                tracing::info!(order_id = %id, "a debit landed on a cancelled order");
+                request_refund(txn, &order, correlation_id).await?;
+                events::notify_changed(txn, &order).await?;
+                return Ok(Applied::Refund);
             }
             tracing::info!(order_id = %id, status = order.status.as_str(), "order already final; answer ignored");
             Ok(Applied::Nothing)
