@@ -58,7 +58,12 @@ pub const ORDERS: BoundedContext = BoundedContext {
         workers.messaging(&ORDERS, &relay_wake, handler);
         let timeout = Duration::from_secs(workers.settings.payment_timeout_secs);
         let interval = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
-        let sweeper = saga::sweep_overdue(workers.db.clone(), timeout, interval, workers.shutdown.clone());
+        let sweeper = saga::sweep_overdue(
+            workers.db.clone(),
+            timeout,
+            interval,
+            workers.shutdown.clone(),
+        );
         workers.tasks.spawn(sweeper);
         let events = OrderEvents::new(workers.settings.stream_limits());
         let listener = events

@@ -178,7 +178,14 @@ pub async fn audit(
          AND NOT EXISTS (SELECT 1 FROM payments.order_refunds r WHERE r.order_id = o.id) \
          ORDER BY o.updated_at"
     );
-    checks.push(check(db, "no CANCELLED order left debited once its refund had time", &unrefunded).await?);
+    checks.push(
+        check(
+            db,
+            "no CANCELLED order left debited once its refund had time",
+            &unrefunded,
+        )
+        .await?,
+    );
     let stuck_refunding = format!(
         "SELECT format('order %s REFUNDING since %s', id, updated_at) FROM orders.orders \
          WHERE status = 'REFUNDING' AND updated_at < clock_timestamp() - make_interval(secs => {stuck}) \

@@ -368,7 +368,13 @@ impl OrdersApi {
             };
             let fingerprint = format!("id={id}");
             let order = CANCEL
-                .run(&self.db, &caller, idempotency_key.as_deref(), &fingerprint, effect)
+                .run(
+                    &self.db,
+                    &caller,
+                    idempotency_key.as_deref(),
+                    &fingerprint,
+                    effect,
+                )
                 .await?;
             if refund {
                 self.relay_wake.notify_one();

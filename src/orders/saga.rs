@@ -12,8 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::contracts::{
-    PaymentFailedV1, PaymentRequestedV1, PaymentSucceededV1, RefundCompletedV1,
-    RefundRequestedV1,
+    PaymentFailedV1, PaymentRequestedV1, PaymentSucceededV1, RefundCompletedV1, RefundRequestedV1,
 };
 use crate::kernel::money::Money;
 use crate::kernel::user_id::UserId;
@@ -121,7 +120,12 @@ fn decode_answer(envelope: &Envelope) -> Result<Answer, HandleError> {
         }
         RefundCompletedV1::TYPE => {
             let m: RefundCompletedV1 = envelope.payload_as().map_err(HandleError::poison)?;
-            Ok(answer(m.order_id, m.user_id, m.amount, AnswerKind::Refunded))
+            Ok(answer(
+                m.order_id,
+                m.user_id,
+                m.amount,
+                AnswerKind::Refunded,
+            ))
         }
         other => Err(HandleError::poison(format!(
             "unexpected message type {other:?}"

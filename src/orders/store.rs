@@ -202,11 +202,14 @@ async fn update_returning<I: IntoIterator<Item = Value>>(
     sql: &str,
     values: I,
 ) -> Result<Option<Order>, DbErr> {
-    OrderRow::find_by_statement(statement(&format!("{sql} RETURNING {ORDER_COLUMNS}"), values))
-        .one(conn)
-        .await?
-        .map(OrderRow::into_order)
-        .transpose()
+    OrderRow::find_by_statement(statement(
+        &format!("{sql} RETURNING {ORDER_COLUMNS}"),
+        values,
+    ))
+    .one(conn)
+    .await?
+    .map(OrderRow::into_order)
+    .transpose()
 }
 
 /// What a cancel did.
@@ -251,10 +254,7 @@ pub async fn cancel_order(conn: &impl ConnectionTrait, id: OrderId) -> Result<Ca
 
 /// Marks a CANCELLED order whose debit still landed as owed a refund; None if it was marked
 /// already (or is not such an order). The caller requests the refund in the same transaction.
-pub async fn owe_refund(
-    conn: &impl ConnectionTrait,
-    id: OrderId,
-) -> Result<Option<Order>, DbErr> {
+pub async fn owe_refund(conn: &impl ConnectionTrait, id: OrderId) -> Result<Option<Order>, DbErr> {
     update_returning(
         conn,
         "UPDATE orders.orders SET refund_state = 'requested', updated_at = clock_timestamp() \
@@ -277,7 +277,11 @@ pub async fn refund_completed(
         "UPDATE orders.orders SET refund_state = 'refunded', updated_at = clock_timestamp(), \
          status = CASE status WHEN 'REFUNDING' THEN 'REFUNDED' ELSE status END \
          WHERE id = $1 AND refund_state = 'requested' AND user_id = $2 AND amount_minor = $3",
-        [id.as_uuid().into(), user.as_str().into(), amount.minor().into()],
+        [
+            id.as_uuid().into(),
+            user.as_str().into(),
+            amount.minor().into(),
+        ],
     )
     .await
 }

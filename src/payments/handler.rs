@@ -8,8 +8,7 @@ use sea_orm::DatabaseTransaction;
 use tokio::sync::Notify;
 
 use crate::contracts::{
-    PaymentFailedV1, PaymentRequestedV1, PaymentSucceededV1, RefundCompletedV1,
-    RefundRequestedV1,
+    PaymentFailedV1, PaymentRequestedV1, PaymentSucceededV1, RefundCompletedV1, RefundRequestedV1,
 };
 use crate::messaging::consumer::{HandleError, Handler, Incoming};
 use crate::messaging::envelope::{Envelope, Message};

@@ -11,6 +11,7 @@ mod fuzz;
 mod helpers;
 mod idempotency;
 mod least_privilege;
+mod lifecycle;
 mod metrics;
 mod openapi;
 mod orders;
