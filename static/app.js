@@ -7,9 +7,22 @@ const USER_KEY = "gozon.userId";
 const TOKEN_KEY = "gozon.token";
 const USER_ID = /^[A-Za-z0-9._-]{1,64}$/;
 const POLL_MS = 2000;
-const FINAL = new Set(["FINISHED", "CANCELLED"]);
-const REASONS = { no_account: "no account", insufficient_funds: "insufficient funds" };
-const BADGES = { NEW: "text-bg-warning", FINISHED: "text-bg-success", CANCELLED: "text-bg-danger" };
+// How far along its life an order is: an answer describing an earlier stage is stale.
+const STAGE = { NEW: 0, FINISHED: 1, CANCELLED: 1, REFUNDING: 2, REFUNDED: 3 };
+const REASONS = {
+  no_account: "no account",
+  insufficient_funds: "insufficient funds",
+  cancelled_by_user: "cancelled by you",
+  payment_timeout: "no payment in time",
+};
+const BADGES = {
+  NEW: "text-bg-warning",
+  FINISHED: "text-bg-success",
+  CANCELLED: "text-bg-danger",
+  REFUNDING: "text-bg-info",
+  REFUNDED: "text-bg-secondary",
+};
+const ENTRY_KINDS = { top_up: "top-up", debit: "payment", refund: "refund" };
 
 const state = {
   mode: "none", // "jwt" when the server asks for bearer tokens (it answers 401 without one)
@@ -194,7 +207,10 @@ function orderRow(order) {
       '<div class="d-flex justify-content-between gap-2 small">' +
       '<span class="order-time text-muted"></span>' +
       '<span class="order-note text-end" data-testid="note"></span></div>' +
-      '<div class="order-id text-muted" data-testid="order-id"></div>';
+      '<div class="d-flex justify-content-between align-items-center gap-2">' +
+      '<span class="order-id text-muted" data-testid="order-id"></span>' +
+      '<button class="order-action btn btn-sm btn-outline-danger d-none" type="button" data-testid="order-action"></button></div>';
+    item.querySelector(".order-action").addEventListener("click", (event) => cancelOrder(item.dataset.orderId, event.target));
     state.rows.set(order.id, item);
   }
   item.dataset.status = order.status;
@@ -204,9 +220,18 @@ function orderRow(order) {
   const badge = item.querySelector(".order-status");
   badge.className = `order-status badge ${BADGES[order.status] || "text-bg-secondary"}`;
   badge.textContent = order.status;
+  // A NEW order can be cancelled; a paid one refunded.
+  const action = item.querySelector(".order-action");
+  const label = { NEW: "Cancel", FINISHED: "Refund" }[order.status];
+  action.classList.toggle("d-none", !label);
+  action.textContent = label || "";
+  action.dataset.action = label ? label.toLowerCase() : "";
   const note = item.querySelector(".order-note");
   note.replaceChildren();
-  if (order.status === "CANCELLED") {
+  if (order.status === "REFUNDING" || order.status === "REFUNDED") {
+    note.className = "order-note text-end text-muted";
+    note.textContent = order.status === "REFUNDING" ? "refund on its way…" : "refunded";
+  } else if (order.status === "CANCELLED") {
     const reason = document.createElement("span");
     reason.dataset.testid = "reason";
     reason.textContent = REASONS[order.reason] || order.reason || "no reason given";
@@ -230,12 +255,12 @@ function renderOrders() {
 }
 
 // Applies an order as the server described it; returns true when its status changed. A status
-// only moves forward (NEW, then FINISHED or CANCELLED for good), so a late answer describing an
-// earlier state is ignored.
+// only moves forward (NEW, then FINISHED or CANCELLED, then REFUNDING and REFUNDED), so a late
+// answer describing an earlier stage is ignored.
 function upsertOrder(order) {
   if (!order || typeof order.id !== "string" || order.user_id !== state.user) return false;
   const known = state.orders.get(order.id);
-  if (known && FINAL.has(known.status) && !FINAL.has(order.status)) return false;
+  if (known && (STAGE[order.status] ?? 0) < (STAGE[known.status] ?? 0)) return false;
   state.orders.set(order.id, order);
   return !known || known.status !== order.status;
 }
@@ -267,6 +292,33 @@ async function loadBalance() {
   if (session !== state.session) return;
   resolved("balance");
   applyBalance(account, ticket);
+  if (account) loadLedger(session);
+}
+
+// The account's latest balance changes, under the balance.
+async function loadLedger(session) {
+  let body;
+  try {
+    body = await api("GET", "api/payments/transactions", { user_id: state.user, limit: 10 });
+  } catch (error) {
+    return; // the balance above is what matters; the next refresh tries again
+  }
+  if (session !== state.session) return;
+  const rows = ((body && body.transactions) || []).map((entry) => {
+    const item = document.createElement("li");
+    item.className = "list-group-item px-0 py-1 d-flex justify-content-between small";
+    item.dataset.testid = "ledger-entry";
+    item.dataset.kind = entry.kind;
+    const what = document.createElement("span");
+    what.textContent = `${ENTRY_KINDS[entry.kind] || entry.kind} · ${when(entry.created_at)}`;
+    const amount = document.createElement("span");
+    amount.className = entry.kind === "debit" ? "text-danger" : "text-success";
+    amount.textContent = `${entry.kind === "debit" ? "−" : "+"}${money(entry.amount)}`;
+    item.append(what, amount);
+    return item;
+  });
+  $("ledger").replaceChildren(...rows);
+  $("ledger-title").classList.toggle("d-none", rows.length === 0);
 }
 
 function applyBalance(account, ticket) {
@@ -405,6 +457,8 @@ function resetSession(user) {
   state.rows.clear();
   state.olderCursor = undefined;
   $("load-more").classList.add("d-none");
+  $("ledger").replaceChildren();
+  $("ledger-title").classList.add("d-none");
   state.retryKeys.clear();
   state.balanceShown = state.balanceTicket;
   clearAlerts();
@@ -565,6 +619,23 @@ $("topup-form").addEventListener("submit", (event) => {
     }
   });
 });
+
+// Cancels a NEW order or refunds a paid one; the new status arrives with the answer (and live).
+function cancelOrder(id, button) {
+  busy(button, async () => {
+    const session = state.session;
+    try {
+      const order = await post(`cancel_order:${id}`, "api/orders/cancel_order", { id });
+      if (session !== state.session) return;
+      upsertOrder(order);
+      renderOrders();
+      refreshBalance();
+    } catch (error) {
+      if (session !== state.session) return;
+      explain(error, ["Not cancelled", "Could not cancel the order"], `cancel_order:${id}`);
+    }
+  });
+}
 
 // "100" -> "100.00", for the notice after a successful top-up (the server accepted it as it is).
 function amountOf(text) {

@@ -244,3 +244,37 @@ test("a long history loads a page at a time: older orders on demand", async (t) 
   await page.waitForSelector("[data-testid=load-more]", { state: "hidden" });
   assert.equal(await rows.count(), 105);
 });
+
+test("a person pays an order, refunds it and sees the money come back, and cancels a new one", async (t) => {
+  const { page } = await open(t);
+  const user = unique("pw-refund");
+  await logIn(page, user);
+  await createAccount(page);
+  await topUp(page, "100", "100.00");
+  const paid = await placeOrder(page, "30");
+  await status(paid, "FINISHED");
+  await page.waitForSelector("[data-testid=balance]:text('70.00')", { timeout: SETTLE });
+  await paid.locator("[data-testid=order-action]:text-is('Refund')").click();
+  // REFUNDING, then REFUNDED, pushed over the stream; the balance and the ledger follow.
+  await status(paid, "REFUNDED");
+  await page.waitForSelector("[data-testid=balance]:text('100.00')", { timeout: SETTLE });
+  await page.waitForFunction(() => document.querySelectorAll("[data-testid=ledger-entry]").length === 3, null, { timeout: SETTLE });
+  const kinds = await page.locator("[data-testid=ledger-entry]").evaluateAll((rows) => rows.map((r) => r.dataset.kind));
+  assert.deepEqual(kinds, ["refund", "debit", "top_up"]);
+  assert.equal(await paid.locator("[data-testid=order-action]").isVisible(), false);
+  await page.screenshot({ path: `${SHOTS}07-refunded.png`, fullPage: true });
+
+  // A NEW order is paid within milliseconds, too fast for a click: cancel one through the API
+  // right after placing it. Cancelled before or after its debit, its money comes back.
+  const created = page.waitForResponse((r) => r.url().includes("/api/orders/create_order"));
+  await page.fill("#order-amount", "5");
+  await page.click("#order-submit");
+  const order = await (await created).json();
+  const row = page.locator(`[data-testid=order][data-order-id="${order.id}"]`);
+  await row.waitFor();
+  const cancelled = await page.evaluate(async (id) =>
+    (await fetch(`api/orders/cancel_order?id=${id}`, { method: "POST" })).json(), order.id);
+  assert.ok(["CANCELLED", "REFUNDING"].includes(cancelled.status), JSON.stringify(cancelled));
+  await row.locator("[data-testid=status]:text-matches('CANCELLED|REFUNDED')").waitFor({ timeout: SETTLE });
+  await page.waitForSelector("[data-testid=balance]:text('100.00')", { timeout: SETTLE });
+});
