@@ -324,3 +324,87 @@ async fn a_database_outage_in_the_middle_of_a_run_loses_nothing() {
     })
     .await;
 }
+
+#[tokio::test]
+#[ignore = "disturbs the shared broker: run with --ignored --test-threads 1"]
+async fn cancels_and_refunds_in_flight_survive_a_broker_restart() {
+    let env = TestEnv::new();
+    let app = Arc::new(env.spawn(Role::All).await);
+    fund_users(&app).await;
+    // 60 paid orders to refund, then 140 to cancel right after placing them.
+    let (paid, _) = place_orders(app.clone(), 60, Arc::new(AtomicUsize::new(0))).await;
+    wait_all_final(&app, &paid, Instant::now()).await;
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let work = {
+        let (app, cancelled) = (app.clone(), cancelled.clone());
+        tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for i in 0..200 {
+                let id = match paid.get(i) {
+                    Some(id) => id.clone(),
+                    None => app
+                        .create_order(&user(i), "1.00")
+                        .await
+                        .str("id")
+                        .to_owned(),
+                };
+                let reply = app.cancel_order(&id).await;
+                assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+                answers.push((id, reply.str("status").to_owned()));
+                cancelled.fetch_add(1, Ordering::SeqCst);
+            }
+            answers
+        })
+    };
+    wait_for(&cancelled, 40).await;
+    {
+        let _restarter = BrokerRestarter;
+        rabbitmqctl(&["-q", "stop_app"]);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let fault = Instant::now();
+    let answers = work.await.unwrap();
+    let db = env.db().await;
+    let unsettled = "SELECT count(*) FROM orders.orders \
+                     WHERE status IN ('NEW', 'REFUNDING') OR refund_state = 'requested'";
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while scalar_i64(&db, unsettled).await > 0 {
+        assert!(Instant::now() < deadline, "refunds still owed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recovery = fault.elapsed();
+    for (id, answered) in &answers {
+        let end = app.order(id).await;
+        assert_ne!(
+            end.str("status"),
+            "FINISHED",
+            "{id} was cancelled ({answered})"
+        );
+    }
+    // Everything was given back: every account holds its 100.00 again, exactly.
+    for i in 0..USERS {
+        assert_eq!(app.balance(&user(i)).await.str("balance"), "100.00");
+    }
+    let double = scalar_i64(
+        &db,
+        "SELECT count(*) FROM (SELECT order_id FROM payments.transactions WHERE kind = 'refund' \
+         GROUP BY order_id HAVING count(*) > 1) twice",
+    )
+    .await;
+    assert_eq!(double, 0, "no order refunded twice");
+    let refunds = scalar_i64(
+        &db,
+        "SELECT count(*) FROM payments.transactions WHERE kind = 'refund'",
+    )
+    .await;
+    assert_nothing_lost(
+        &env,
+        &format!(
+            "RabbitMQ stop_app 3 s with 200 cancels and refunds in flight ({refunds} refunds)"
+        ),
+        &answers.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+        0,
+        recovery,
+    )
+    .await;
+}
