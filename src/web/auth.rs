@@ -311,31 +311,39 @@ fn register_scheme(registry: &mut Registry) {
     );
 }
 
-impl<'a> ApiExtractor<'a> for Caller {
-    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::SecurityScheme];
-    type ParamType = ();
-    type ParamRawType = ();
+/// Implements the extractor for a caller type: the bearer scheme in the spec (with the empty
+/// alternative, since `--auth none` needs none), and `extract` with `stream` as given.
+macro_rules! bearer_extractor {
+    ($caller:ty, $stream:expr, $wrap:expr) => {
+        impl<'a> ApiExtractor<'a> for $caller {
+            const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::SecurityScheme];
+            type ParamType = ();
+            type ParamRawType = ();
 
-    fn register(registry: &mut Registry) {
-        register_scheme(registry);
-    }
+            fn register(registry: &mut Registry) {
+                register_scheme(registry);
+            }
 
-    fn security_schemes() -> Vec<&'static str> {
-        vec![SCHEME]
-    }
+            fn security_schemes() -> Vec<&'static str> {
+                vec![SCHEME]
+            }
 
-    fn has_security_fallback() -> bool {
-        true
-    }
+            fn has_security_fallback() -> bool {
+                true
+            }
 
-    async fn from_request(
-        request: &'a Request,
-        _body: &mut RequestBody,
-        _options: ExtractParamOptions<()>,
-    ) -> poem::Result<Caller> {
-        extract(request, false)
-    }
+            async fn from_request(
+                request: &'a Request,
+                _body: &mut RequestBody,
+                _options: ExtractParamOptions<()>,
+            ) -> poem::Result<$caller> {
+                extract(request, $stream).map($wrap)
+            }
+        }
+    };
 }
+
+bearer_extractor!(Caller, false, |caller| caller);
 
 /// The caller of an event stream: as [`Caller`], or, since an EventSource cannot send
 /// headers, a `ticket` (from `POST /api/orders/events/ticket`) or the token itself as
@@ -343,28 +351,4 @@ impl<'a> ApiExtractor<'a> for Caller {
 #[derive(Debug, Clone)]
 pub struct StreamCaller(pub Caller);
 
-impl<'a> ApiExtractor<'a> for StreamCaller {
-    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::SecurityScheme];
-    type ParamType = ();
-    type ParamRawType = ();
-
-    fn register(registry: &mut Registry) {
-        register_scheme(registry);
-    }
-
-    fn security_schemes() -> Vec<&'static str> {
-        vec![SCHEME]
-    }
-
-    fn has_security_fallback() -> bool {
-        true
-    }
-
-    async fn from_request(
-        request: &'a Request,
-        _body: &mut RequestBody,
-        _options: ExtractParamOptions<()>,
-    ) -> poem::Result<StreamCaller> {
-        extract(request, true).map(StreamCaller)
-    }
-}
+bearer_extractor!(StreamCaller, true, StreamCaller);
