@@ -1,6 +1,5 @@
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 use gozon::app::cli::{Cli, Command};
 use gozon::app::{self, Application, contexts, routes};
@@ -31,9 +30,7 @@ async fn main() -> anyhow::Result<()> {
                 (&contexts::ORDERS, orders_db_role.as_deref()),
                 (&contexts::PAYMENTS, payments_db_role.as_deref()),
             ];
-            app::migrate(&settings, role, &db_roles).await?;
-            tracing::info!(?role, "migrations applied");
-            Ok(())
+            app::migrate(&settings, role, &db_roles).await
         }
         Command::Audit {
             database_url,
@@ -64,13 +61,6 @@ async fn main() -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
-        Command::Openapi { output } => match output {
-            Some(path) => std::fs::write(&path, routes::openapi_yaml())
-                .with_context(|| format!("writing {}", path.display())),
-            None => {
-                print!("{}", routes::openapi_yaml());
-                Ok(())
-            }
-        },
+        Command::Openapi { output } => routes::write_openapi(output.as_deref()),
     }
 }

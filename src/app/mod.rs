@@ -84,6 +84,7 @@ pub async fn migrate(
             tracing::info!(schema = context.schema(), db_role, "granted DML");
         }
     }
+    tracing::info!(?role, "migrations applied");
     Ok(())
 }
 

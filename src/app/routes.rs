@@ -40,6 +40,19 @@ pub fn openapi_yaml() -> String {
     openapi_service().spec_yaml()
 }
 
+/// `gozon openapi`: the spec to `output`, or to standard output.
+pub fn write_openapi(output: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    match output {
+        Some(path) => std::fs::write(path, openapi_yaml())
+            .with_context(|| format!("writing {}", path.display())),
+        None => {
+            print!("{}", openapi_yaml());
+            Ok(())
+        }
+    }
+}
+
 /// The routes of a process. `apis` are the running contexts' APIs by context name; `page`, the
 /// folder of the web page, is given only to `--role all`, which also serves the API docs.
 /// What guards the routes: who may call, how often, how long a handler may take.

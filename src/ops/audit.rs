@@ -164,42 +164,19 @@ pub async fn audit(
     }
     let stuck = settings.stuck_after.as_secs_f64();
     let stale = settings.outbox_stale_after.as_secs_f64();
-    let stuck_new = format!(
-        "SELECT format('order %s NEW since %s', id, created_at) FROM orders.orders \
-         WHERE status = 'NEW' AND created_at < clock_timestamp() - make_interval(secs => {stuck}) \
-         ORDER BY created_at"
-    );
-    checks.push(check(db, "no order stuck in NEW", &stuck_new).await?);
-    let unrefunded = format!(
-        "SELECT format('order %s is CANCELLED (%s) since %s but debit %s of %s was not refunded', \
-                o.id, o.reason, o.updated_at, t.id, t.amount_minor) \
-         FROM orders.orders o JOIN payments.transactions t ON t.order_id = o.id AND t.kind = 'debit' \
-         WHERE o.status = 'CANCELLED' AND o.updated_at < clock_timestamp() - make_interval(secs => {stuck}) \
-         AND NOT EXISTS (SELECT 1 FROM payments.order_refunds r WHERE r.order_id = o.id) \
-         ORDER BY o.updated_at"
-    );
-    checks.push(
-        check(
-            db,
+    for (name, sql, threshold) in [
+        ("no order stuck in NEW", STUCK_NEW, stuck),
+        (
             "no CANCELLED order left debited once its refund had time",
-            &unrefunded,
-        )
-        .await?,
-    );
-    let stuck_refunding = format!(
-        "SELECT format('order %s REFUNDING since %s', id, updated_at) FROM orders.orders \
-         WHERE status = 'REFUNDING' AND updated_at < clock_timestamp() - make_interval(secs => {stuck}) \
-         ORDER BY updated_at"
-    );
-    checks.push(check(db, "no order stuck in REFUNDING", &stuck_refunding).await?);
-    let stuck_outbox = format!(
-        "SELECT format('%s outbox message %s (%s) unsent since %s', schema, message_id, message_type, created_at) \
-         FROM (SELECT 'orders' AS schema, * FROM orders.outbox UNION ALL \
-               SELECT 'payments', * FROM payments.outbox) AS outbox \
-         WHERE sent_at IS NULL AND created_at < clock_timestamp() - make_interval(secs => {stale}) \
-         ORDER BY created_at"
-    );
-    checks.push(check(db, "no outbox message stuck unsent", &stuck_outbox).await?);
+            UNREFUNDED,
+            stuck,
+        ),
+        ("no order stuck in REFUNDING", STUCK_REFUNDING, stuck),
+        ("no outbox message stuck unsent", STUCK_OUTBOX, stale),
+    ] {
+        let sql = sql.replace("{threshold}", &threshold.to_string());
+        checks.push(check(db, name, &sql).await?);
+    }
     Ok(AuditReport { checks, totals })
 }
 
@@ -252,6 +229,25 @@ const BALANCE_MATCHES_LEDGER: &str = "SELECT format('account %s: balance %s, led
      SELECT user_id, sum(CASE kind WHEN 'debit' THEN -amount_minor ELSE amount_minor END) AS net \
      FROM payments.transactions GROUP BY user_id) l ON l.user_id = a.user_id \
  WHERE a.balance_minor <> coalesce(l.net, 0) ORDER BY a.user_id";
+
+/// Rows that have waited longer than `{threshold}` seconds.
+const STUCK_NEW: &str = "SELECT format('order %s NEW since %s', id, created_at) FROM orders.orders \
+     WHERE status = 'NEW' AND created_at < clock_timestamp() - make_interval(secs => {threshold}) \
+     ORDER BY created_at";
+const UNREFUNDED: &str = "SELECT format('order %s is CANCELLED (%s) since %s but debit %s of %s was not refunded', \
+            o.id, o.reason, o.updated_at, t.id, t.amount_minor) \
+     FROM orders.orders o JOIN payments.transactions t ON t.order_id = o.id AND t.kind = 'debit' \
+     WHERE o.status = 'CANCELLED' AND o.updated_at < clock_timestamp() - make_interval(secs => {threshold}) \
+     AND NOT EXISTS (SELECT 1 FROM payments.order_refunds r WHERE r.order_id = o.id) \
+     ORDER BY o.updated_at";
+const STUCK_REFUNDING: &str = "SELECT format('order %s REFUNDING since %s', id, updated_at) FROM orders.orders \
+     WHERE status = 'REFUNDING' AND updated_at < clock_timestamp() - make_interval(secs => {threshold}) \
+     ORDER BY updated_at";
+const STUCK_OUTBOX: &str = "SELECT format('%s outbox message %s (%s) unsent since %s', schema, message_id, message_type, created_at) \
+     FROM (SELECT 'orders' AS schema, * FROM orders.outbox UNION ALL \
+           SELECT 'payments', * FROM payments.outbox) AS outbox \
+     WHERE sent_at IS NULL AND created_at < clock_timestamp() - make_interval(secs => {threshold}) \
+     ORDER BY created_at";
 
 /// Each debit against the orders it pays.
 const DEBIT_CHECKS: [(&str, &str); 3] = [

@@ -15,6 +15,7 @@ use crate::contracts::{
     PaymentFailedV1, PaymentRequestedV1, PaymentSucceededV1, RefundCompletedV1, RefundRequestedV1,
 };
 use crate::kernel::money::Money;
+use crate::kernel::periodic::every;
 use crate::kernel::user_id::UserId;
 use crate::messaging::consumer::{HandleError, Handler, Incoming};
 use crate::messaging::envelope::{Envelope, Message};
@@ -239,15 +240,13 @@ pub async fn sweep_overdue(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.cancelled() => return,
-        }
-        if let Err(error) = sweep_once(&db, timeout).await {
+    let db = &db;
+    every(interval, shutdown, move || async move {
+        if let Err(error) = sweep_once(db, timeout).await {
             tracing::warn!(%error, "cannot cancel overdue orders");
         }
-    }
+    })
+    .await
 }
 
 async fn sweep_once(db: &DatabaseConnection, timeout: Duration) -> Result<(), DbErr> {

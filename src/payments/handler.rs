@@ -10,11 +10,13 @@ use tokio::sync::Notify;
 use crate::contracts::{
     PaymentFailedV1, PaymentRequestedV1, PaymentSucceededV1, RefundCompletedV1, RefundRequestedV1,
 };
+use crate::kernel::money::Money;
+use crate::kernel::user_id::UserId;
 use crate::messaging::consumer::{HandleError, Handler, Incoming};
 use crate::messaging::envelope::{Envelope, Message};
 use crate::messaging::outbox;
 use crate::payments::domain::DebitOutcome;
-use crate::payments::store::RefundOutcome;
+use crate::payments::store::{OrderCharge, RefundOutcome};
 use crate::payments::{SCHEMA, store};
 
 pub struct PaymentRequestHandler {
@@ -72,14 +74,25 @@ impl Handler for PaymentRequestHandler {
     }
 }
 
+fn charge(order_id: uuid::Uuid, user: &UserId, amount: Money) -> OrderCharge<'_> {
+    OrderCharge {
+        order_id,
+        user,
+        amount,
+    }
+}
+
 /// Debits the order once and answers PaymentSucceeded or PaymentFailed.
 async fn debit(
     txn: &DatabaseTransaction,
     request: PaymentRequestedV1,
     correlation_id: &str,
 ) -> Result<(), HandleError> {
-    let outcome =
-        store::debit_for_order(txn, request.order_id, &request.user_id, request.amount).await?;
+    let outcome = store::debit_for_order(
+        txn,
+        &charge(request.order_id, &request.user_id, request.amount),
+    )
+    .await?;
     let order_id = request.order_id;
     match outcome {
         DebitOutcome::Debited => {
@@ -112,7 +125,8 @@ async fn refund(
     correlation_id: &str,
 ) -> Result<(), HandleError> {
     let order_id = request.order_id;
-    let outcome = store::refund_order(txn, order_id, &request.user_id, request.amount).await?;
+    let refund = charge(order_id, &request.user_id, request.amount);
+    let outcome = store::refund_order(txn, &refund).await?;
     if outcome == RefundOutcome::NotDebited {
         return Err(HandleError::poison(format!(
             "refund of order {order_id}, which was not debited for {} and {}",

@@ -126,19 +126,16 @@ pub async fn top_up(
 ///   wait, so a balance of 100 pays exactly ten orders of 10 whatever the concurrency.
 pub async fn debit_for_order(
     conn: &impl ConnectionTrait,
-    order_id: Uuid,
-    user: &UserId,
-    amount: Money,
+    charge: &OrderCharge<'_>,
 ) -> Result<DebitOutcome, DbErr> {
-    let claimed = conn
-        .execute_raw(statement(
-            "INSERT INTO payments.order_payments (order_id, user_id, amount_minor, outcome) \
-             VALUES ($1, $2, $3, 'pending') ON CONFLICT (order_id) DO NOTHING",
-            [order_id.into(), user.as_str().into(), amount.minor().into()],
-        ))
-        .await?
-        .rows_affected()
-        == 1;
+    let OrderCharge {
+        order_id,
+        user,
+        amount,
+    } = *charge;
+    let claim_payment = "INSERT INTO payments.order_payments (order_id, user_id, amount_minor, \
+         outcome) VALUES ($1, $2, $3, 'pending') ON CONFLICT (order_id) DO NOTHING";
+    let claimed = claim(conn, claim_payment, charge).await?;
     if !claimed {
         return decided_outcome(conn, order_id).await;
     }
@@ -177,6 +174,33 @@ pub async fn debit_for_order(
     Ok(outcome)
 }
 
+/// An order's amount, charged to (or given back to) a user.
+#[derive(Debug, Clone, Copy)]
+pub struct OrderCharge<'a> {
+    pub order_id: Uuid,
+    pub user: &'a UserId,
+    pub amount: Money,
+}
+
+/// Runs a claiming INSERT ... ON CONFLICT DO NOTHING for an order ($1), user ($2) and amount
+/// ($3); whether this call claimed it.
+async fn claim(
+    conn: &impl ConnectionTrait,
+    sql: &str,
+    charge: &OrderCharge<'_>,
+) -> Result<bool, DbErr> {
+    let values = [
+        charge.order_id.into(),
+        charge.user.as_str().into(),
+        charge.amount.minor().into(),
+    ];
+    Ok(conn
+        .execute_raw(statement(sql, values))
+        .await?
+        .rows_affected()
+        == 1)
+}
+
 /// What a refund request came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefundOutcome {
@@ -195,26 +219,17 @@ pub enum RefundOutcome {
 /// balance cap: it returns money the account already held.
 pub async fn refund_order(
     conn: &impl ConnectionTrait,
-    order_id: Uuid,
-    user: &UserId,
-    amount: Money,
+    refund: &OrderCharge<'_>,
 ) -> Result<RefundOutcome, DbErr> {
-    let claimed = conn
-        .execute_raw(statement(
-            "INSERT INTO payments.order_refunds (order_id, user_id, amount_minor) \
-             SELECT order_id, user_id, amount_minor FROM payments.order_payments \
-             WHERE order_id = $1 AND user_id = $2 AND amount_minor = $3 AND outcome = 'debited' \
-             ON CONFLICT (order_id) DO NOTHING",
-            [order_id.into(), user.as_str().into(), amount.minor().into()],
-        ))
-        .await?
-        .rows_affected()
-        == 1;
-    if !claimed {
+    let claim_refund = "INSERT INTO payments.order_refunds (order_id, user_id, amount_minor) \
+         SELECT order_id, user_id, amount_minor FROM payments.order_payments \
+         WHERE order_id = $1 AND user_id = $2 AND amount_minor = $3 AND outcome = 'debited' \
+         ON CONFLICT (order_id) DO NOTHING";
+    if !claim(conn, claim_refund, refund).await? {
         let refunded = conn
             .query_one_raw(statement(
                 "SELECT 1 FROM payments.order_refunds WHERE order_id = $1",
-                [order_id.into()],
+                [refund.order_id.into()],
             ))
             .await?
             .is_some();
@@ -231,7 +246,11 @@ pub async fn refund_order(
              WHERE user_id = $1 RETURNING user_id, balance_minor) \
          INSERT INTO payments.transactions (user_id, kind, amount_minor, order_id, balance_after_minor) \
          SELECT user_id, 'refund', $2, $3, balance_minor FROM credited",
-        [user.as_str().into(), amount.minor().into(), order_id.into()],
+        [
+            refund.user.as_str().into(),
+            refund.amount.minor().into(),
+            refund.order_id.into(),
+        ],
     ))
     .await?;
     Ok(RefundOutcome::Refunded)

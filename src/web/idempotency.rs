@@ -13,6 +13,7 @@ use sea_orm::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::kernel::periodic::every;
 use crate::web::auth::Caller;
 use crate::web::error::ApiError;
 use crate::web::params::invalid;
@@ -142,17 +143,15 @@ pub async fn purge_expired_until(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.cancelled() => return,
-        }
-        match purge_expired(&db, schema).await {
+    let db = &db;
+    every(interval, shutdown, move || async move {
+        match purge_expired(db, schema).await {
             Ok(0) => {}
             Ok(deleted) => tracing::debug!(schema, deleted, "purged expired idempotency keys"),
             Err(error) => tracing::warn!(schema, %error, "cannot purge expired idempotency keys"),
         }
-    }
+    })
+    .await
 }
 
 /// A POST endpoint that honours `Idempotency-Key`: where its keys live and what it answers.
