@@ -1,8 +1,10 @@
 //! What a process serves over HTTP: each running context's API under `/api/<context>`, health,
-//! metrics, and for `--role all` the OpenAPI document, Swagger UI and the web page; all wrapped
+//! metrics, the whole OpenAPI document and Swagger UI, and for `--role all` the web page; all wrapped
 //! in request ids, tracing, panic catching and the JSON error envelope.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use poem::endpoint::{BoxEndpoint, StaticFilesEndpoint};
@@ -40,6 +42,39 @@ pub fn openapi_yaml() -> String {
     openapi_service().spec_yaml()
 }
 
+/// The route a request matched, as a bounded label: the API's paths and the operational ones
+/// as they are, anything else one word.
+fn route_template<'a>(path: &'a str, api: &HashMap<String, String>) -> &'a str {
+    const OPERATIONAL: [&str; 4] = ["/health/live", "/health/ready", "/metrics", "/openapi.json"];
+    if api.contains_key(path) || OPERATIONAL.contains(&path) {
+        path
+    } else if path.starts_with("/docs") {
+        "/docs"
+    } else if path.starts_with("/api") {
+        "other"
+    } else {
+        "static"
+    }
+}
+
+/// Each API path's methods (`GET`, `POST`), from the spec, for the `Allow` header of a 405.
+fn allowed_methods() -> HashMap<String, String> {
+    let spec: serde_json::Value =
+        serde_json::from_str(&openapi_service().spec()).unwrap_or_default();
+    let paths = spec["paths"].as_object().cloned().unwrap_or_default();
+    paths
+        .into_iter()
+        .map(|(path, operations)| {
+            let methods = operations.as_object().map_or_else(Vec::new, |ops| {
+                ops.keys()
+                    .map(|method| method.to_ascii_uppercase())
+                    .collect()
+            });
+            (path, methods.join(", "))
+        })
+        .collect()
+}
+
 /// `gozon openapi`: the spec to `output`, or to standard output.
 pub fn write_openapi(output: Option<&std::path::Path>) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -68,6 +103,7 @@ pub fn routes(
     guards: Guards,
     page: Option<PathBuf>,
 ) -> impl poem::Endpoint {
+    let observed_metrics = observed.metrics.clone();
     let mut route = Route::new()
         .at("/health/live", get(live))
         .at("/health/ready", get(ready).data(observed.clone()))
@@ -78,13 +114,16 @@ pub fn routes(
     for (context, api) in apis {
         route = route.nest_no_strip(format!("/api/{context}"), api);
     }
+    // Every role serves the whole document and Swagger UI (they need no database).
+    let docs = openapi_service();
+    route = route
+        .at("/openapi.json", docs.spec_endpoint())
+        .nest("/docs", docs.swagger_ui());
     if let Some(dir) = page {
-        let docs = openapi_service();
-        route = route
-            .at("/openapi.json", docs.spec_endpoint())
-            .nest("/docs", docs.swagger_ui())
-            .nest("/", StaticFilesEndpoint::new(dir).index_file("index.html"));
+        route = route.nest("/", StaticFilesEndpoint::new(dir).index_file("index.html"));
     }
+    let allowed = Arc::new(allowed_methods());
+    let counted = observed_metrics;
     let Guards {
         authenticator,
         post_limits,
@@ -105,15 +144,39 @@ pub fn routes(
         .with(CatchPanic::new().with_handler(panicked))
         .with(Tracing)
         .with(RequestId::default().reuse_id(ReuseId::Use))
-        .around(|ep, mut request| async move {
-            edge::drop_unsafe_request_id(&mut request);
-            let path = request.uri().path().to_owned();
-            let response = match ep.call(request).await {
-                Ok(response) => response,
-                Err(error) => error.into_response(),
-            };
-            Ok::<_, poem::Error>(edge::secure(&path, response))
+        .around(move |ep, request| {
+            let (allowed, counted) = (allowed.clone(), counted.clone());
+            async move { Ok::<_, poem::Error>(at_the_door(&*ep, request, &allowed, &counted).await) }
         })
+}
+
+/// Around everything: a sane request id in, the security headers and `Allow` (for a 405) out,
+/// and the request counted.
+async fn at_the_door<E: Endpoint>(
+    ep: &E,
+    mut request: poem::Request,
+    allowed: &HashMap<String, String>,
+    counted: &Metrics,
+) -> Response {
+    edge::drop_unsafe_request_id(&mut request);
+    let path = request.uri().path().to_owned();
+    let method = request.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let mut response = match ep.call(request).await {
+        Ok(response) => response.into_response(),
+        Err(error) => error.into_response(),
+    };
+    let route = route_template(&path, allowed);
+    let took = started.elapsed().as_secs_f64();
+    counted.http_answered(route, &method, response.status().as_u16(), took);
+    // RFC 9110: a 405 says which methods the resource takes.
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED
+        && let Some(methods) = allowed.get(&path)
+        && let Ok(value) = poem::http::HeaderValue::from_str(methods)
+    {
+        response.headers_mut().insert("allow", value);
+    }
+    edge::secure(&path, response)
 }
 
 fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {

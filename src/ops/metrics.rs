@@ -1,5 +1,6 @@
-//! Prometheus metrics of one process, served at `/metrics`: messages published, consumed (and
-//! how), and how long sagas take. Outbox backlogs are measured in the database at scrape time.
+//! Prometheus metrics of one process, served at `/metrics`: HTTP requests (by route, method and
+//! status, and how long they took), messages published, consumed (and how), and how long sagas
+//! take. Outbox backlogs are measured in the database at scrape time.
 
 use std::sync::Arc;
 
@@ -23,8 +24,24 @@ pub struct ConsumedLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// The route template (the path, for Gozon's routes; `other` for anything else).
+    pub route: String,
+    pub method: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRouteLabels {
+    pub route: String,
+    pub method: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
+    http_requests: Family<HttpLabels, Counter>,
+    http_duration: Family<HttpRouteLabels, Histogram>,
     registry: Arc<Registry>,
     published: Family<SchemaLabel, Counter>,
     consumed: Family<ConsumedLabels, Counter>,
@@ -73,7 +90,24 @@ impl Default for Metrics {
             "Age of the oldest outbox message not yet published",
             outbox_oldest_age.clone(),
         );
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route, method and status",
+            http_requests.clone(),
+        );
+        // 0.5 ms .. ~16 s.
+        let http_duration = Family::<HttpRouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request (to its first byte), by route and method",
+            http_duration.clone(),
+        );
         Metrics {
+            http_requests,
+            http_duration,
             registry: Arc::new(registry),
             published,
             consumed,
@@ -103,6 +137,20 @@ impl Metrics {
             outcome: outcome.to_owned(),
         };
         self.consumed.get_or_create(&labels).inc();
+    }
+
+    pub fn http_answered(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        let labels = HttpLabels {
+            route: route.to_owned(),
+            method: method.to_owned(),
+            status: status.to_string(),
+        };
+        self.http_requests.get_or_create(&labels).inc();
+        let route = HttpRouteLabels {
+            route: labels.route,
+            method: labels.method,
+        };
+        self.http_duration.get_or_create(&route).observe(seconds);
     }
 
     pub fn saga_settled(&self, seconds: f64) {

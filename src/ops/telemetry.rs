@@ -11,8 +11,10 @@ pub enum LogFormat {
 }
 
 /// The filter when `RUST_LOG` is unset: our own info, and sqlx only when something is wrong
-/// (it logs every statement at info).
-const DEFAULT_FILTER: &str = "info,sqlx=warn,lapin=warn,poem=info";
+/// (it logs every statement at info). lapin is silenced: its own recovery loop reports every
+/// failed attempt at ERROR (dozens a second with a wrong password), while Gozon's tasks report
+/// a lost or refused broker once, then retry with backoff quietly.
+const DEFAULT_FILTER: &str = "info,sqlx=warn,lapin=off,amq_protocol=off,poem=info";
 
 pub fn init(format: LogFormat) {
     let filter =

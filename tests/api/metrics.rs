@@ -131,3 +131,30 @@ async fn metrics_show_an_outbox_backlog_while_the_broker_is_unreachable() {
         "not this role's outbox"
     );
 }
+
+#[tokio::test]
+async fn http_requests_are_counted_by_route_method_and_status() {
+    let app = crate::helpers::spawn_app().await;
+    app.create_account("metered").await;
+    app.create_account("metered").await;
+    app.get("/api/nowhere/at/all", &[]).await;
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"gozon_http_requests_total{route="/api/payments/create_account",method="POST",status="201"} 1"#,
+        r#"gozon_http_requests_total{route="/api/payments/create_account",method="POST",status="409"} 1"#,
+        r#"gozon_http_requests_total{route="other",method="GET",status="404"} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+    assert!(text.contains(
+        r#"gozon_http_request_duration_seconds_count{route="/api/payments/create_account",method="POST"} 2"#
+    ));
+}

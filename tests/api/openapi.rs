@@ -42,3 +42,66 @@ async fn swagger_ui_is_served() {
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("swagger"));
 }
+
+#[tokio::test]
+async fn every_role_serves_the_whole_spec_and_swagger_ui() {
+    use crate::helpers::TestEnv;
+    use gozon::app::cli::Role;
+    let env = TestEnv::new();
+    for role in [Role::Orders, Role::Payments] {
+        let app = env.spawn(role).await;
+        let spec: serde_json::Value = app
+            .client
+            .get(format!("{}/openapi.json", app.address))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            spec["paths"]["/api/orders/create_order"].is_object(),
+            "{role:?}"
+        );
+        assert!(
+            spec["paths"]["/api/payments/add_funds"].is_object(),
+            "{role:?}"
+        );
+        let docs = app
+            .client
+            .get(format!("{}/docs", app.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(docs.status(), 200, "{role:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_405_says_which_methods_are_allowed() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .get(format!(
+            "{}/api/orders/create_order?user_id=a&amount=1",
+            app.address
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST");
+    let response = app
+        .client
+        .post(format!("{}/api/payments/balance?user_id=a", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            response.status().as_u16(),
+            response.headers()["allow"].to_str().unwrap()
+        ),
+        (405, "GET")
+    );
+}

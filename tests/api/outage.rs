@@ -123,3 +123,65 @@ async fn channels_closed_by_the_broker_heal_and_the_topology_comes_back() {
     assert_eq!(order.str("status"), "FINISHED");
     assert_eq!(app.balance("ray").await.str("balance"), "6.00");
 }
+
+/// A broker that refuses the credentials is reported once per task, clearly, and retried
+/// quietly: not lapin's dozens of errors a second.
+#[tokio::test]
+async fn a_wrong_broker_password_is_reported_once_not_dozens_of_times() {
+    use std::io::Read;
+    let env = TestEnv::new();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gozon"))
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--database-url",
+            &env.database_url,
+        ])
+        .args([
+            "--amqp-url",
+            "amqp://guest:wrong-password@127.0.0.1:5672/%2f",
+        ])
+        .args(["--amqp-prefix", &env.prefix])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    child.kill().unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let loud: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+        .collect();
+    let broker: Vec<&&str> = loud
+        .iter()
+        .filter(|l| l.contains("broker unavailable"))
+        .collect();
+    // One line per relay and consumer (two each), and the development-key warning.
+    assert!(!broker.is_empty(), "the failure is reported: {out}");
+    assert!(
+        loud.len() <= 6,
+        "{} loud lines in 4 s:\n{}",
+        loud.len(),
+        loud.join("\n")
+    );
+    assert!(
+        !out.contains("lapin"),
+        "lapin's own recovery noise is filtered:\n{out}"
+    );
+    let _ = child.wait();
+}
