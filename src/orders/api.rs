@@ -20,7 +20,7 @@ use crate::orders::store::Cancelled;
 use crate::orders::{OrdersError, SCHEMA, saga, store};
 use crate::statuses;
 use crate::web::auth::{Caller, FORBIDDEN_DOC, StreamCaller, UNAUTHORIZED_DOC, issue_ticket};
-use crate::web::error::{ApiError, Reply};
+use crate::web::error::{ApiError, INTERNAL_DOC, Reply};
 use crate::web::idempotency::IdempotentPost;
 use crate::web::params::{invalid, parse_amount, parse_limit};
 
@@ -172,7 +172,7 @@ statuses!(CreateOrder:
     422 => "The Idempotency-Key was used before with other parameters (`idempotency_key_reused`).",
     429 => "Too many requests (`rate_limited`, with `Retry-After`), or the user has as many NEW\n\
             orders as allowed at once (`too_many_new_orders`).",
-    500 => "",
+    500 => INTERNAL_DOC,
     503 => "The database is unreachable; retry later.",
 );
 
@@ -185,7 +185,7 @@ statuses!(CancelOrder:
     404 => "No order has this id, or none the token's user may see (`order_not_found`).",
     422 => "The Idempotency-Key was used before with other parameters (`idempotency_key_reused`).",
     429 => "Too many requests (`rate_limited`, with `Retry-After`).",
-    500 => "",
+    500 => INTERNAL_DOC,
     503 => "The database is unreachable; retry later.",
 );
 
@@ -194,7 +194,7 @@ statuses!(GetOrder:
     400 => "`id` is missing or not a UUID.",
     401 => UNAUTHORIZED_DOC,
     404 => "No order has this id, or none the token's user may see (`order_not_found`).",
-    500 => "",
+    500 => INTERNAL_DOC,
     503 => "The database is unreachable; retry later.",
 );
 
@@ -204,7 +204,7 @@ statuses!(ListOrders:
     400 => "`user_id`, `limit` or `cursor` is missing or malformed.",
     401 => UNAUTHORIZED_DOC,
     403 => FORBIDDEN_DOC,
-    500 => "",
+    500 => INTERNAL_DOC,
     503 => "The database is unreachable; retry later.",
 );
 

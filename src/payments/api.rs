@@ -10,7 +10,7 @@ use crate::payments::domain::{Account, EntryKind, LedgerEntry};
 use crate::payments::{PaymentsError, SCHEMA, store};
 use crate::statuses;
 use crate::web::auth::{Caller, FORBIDDEN_DOC, TOP_UP_SCOPE, UNAUTHORIZED_DOC};
-use crate::web::error::{ApiError, Reply};
+use crate::web::error::{ApiError, INTERNAL_DOC, Reply};
 use crate::web::idempotency::IdempotentPost;
 use crate::web::params::{invalid, parse_amount, parse_limit};
 
@@ -130,7 +130,7 @@ statuses!(CreateAccount:
     409 => "The user already has an account (`account_exists`).",
     422 => "The Idempotency-Key was used before with another user id (`idempotency_key_reused`).",
     429 => "Too many requests (`rate_limited`, with `Retry-After`).",
-    500 => "",
+    500 => INTERNAL_DOC,
     503 => "The database is unreachable; retry later.",
 );
 
@@ -144,7 +144,7 @@ statuses!(AddFunds:
     422 => "The balance would exceed what an account can hold (`balance_limit_exceeded`), or the\n\
             Idempotency-Key was used before with other parameters (`idempotency_key_reused`).",
     429 => "Too many requests (`rate_limited`, with `Retry-After`).",
-    500 => "",
+    500 => INTERNAL_DOC,
     503 => "The database is unreachable; retry later.",
 );
 
@@ -154,7 +154,7 @@ statuses!(Balance:
     401 => UNAUTHORIZED_DOC,
     403 => FORBIDDEN_DOC,
     404 => "The user has no account (`account_not_found`).",
-    500 => "",
+    500 => INTERNAL_DOC,
     503 => "The database is unreachable; retry later.",
 );
 
@@ -164,7 +164,7 @@ statuses!(Ledger:
     401 => UNAUTHORIZED_DOC,
     403 => FORBIDDEN_DOC,
     404 => "The user has no account (`account_not_found`).",
-    500 => "",
+    500 => INTERNAL_DOC,
     503 => "The database is unreachable; retry later.",
 );
 

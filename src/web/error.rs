@@ -141,6 +141,10 @@ pub async fn error_to_json(error: poem::Error) -> Response {
     ApiError::from_rejected_request(&error).into_response()
 }
 
+/// What a 500 means, for the spec: the client learns no more than this.
+pub const INTERNAL_DOC: &str =
+    "Something failed on the server's side (`internal_error`); the cause is in its log.";
+
 /// The statuses one endpoint answers with, each with its description in the spec.
 pub trait Statuses: Send + 'static {
     /// The success status and its description.
