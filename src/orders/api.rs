@@ -22,7 +22,10 @@ use crate::statuses;
 use crate::web::auth::{Caller, FORBIDDEN_DOC, StreamCaller, UNAUTHORIZED_DOC, issue_ticket};
 use crate::web::error::{ApiError, INTERNAL_DOC, Reply};
 use crate::web::idempotency::IdempotentPost;
-use crate::web::params::{invalid, parse_amount, parse_limit};
+use crate::web::params::{
+    AmountParam, CursorParam, LimitParam, OrderIdParam, UserIdParam, invalid, parse_amount,
+    parse_limit,
+};
 
 #[derive(Tags)]
 enum Tag {
@@ -298,8 +301,8 @@ impl OrdersApi {
         &self,
         caller: Caller,
         request: &poem::Request,
-        user_id: Query<String>,
-        amount: Query<String>,
+        user_id: Query<UserIdParam>,
+        amount: Query<AmountParam>,
         /// Optional: a retry with the same key gets the first response and places no second
         /// order (so it is never paid twice).
         #[oai(name = "Idempotency-Key")]
@@ -337,7 +340,7 @@ impl OrdersApi {
         &self,
         caller: Caller,
         request: &poem::Request,
-        id: Query<String>,
+        id: Query<OrderIdParam>,
         /// Optional: a retry with the same key gets the first response.
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
@@ -386,7 +389,11 @@ impl OrdersApi {
 
     /// Read one order and its status.
     #[oai(path = "/order", method = "get")]
-    async fn order(&self, caller: Caller, id: Query<String>) -> Reply<Json<OrderBody>, GetOrder> {
+    async fn order(
+        &self,
+        caller: Caller,
+        id: Query<OrderIdParam>,
+    ) -> Reply<Json<OrderBody>, GetOrder> {
         let find = async {
             let id = OrderId::parse(&id).map_err(|error| invalid("invalid_order_id", error))?;
             let order = store::find_order(&self.db, id).await?;
@@ -402,11 +409,11 @@ impl OrdersApi {
     async fn orders(
         &self,
         caller: Caller,
-        user_id: Query<String>,
+        user_id: Query<UserIdParam>,
         /// Orders per page: 1 to 1000, 100 if absent.
-        limit: Query<Option<String>>,
+        limit: Query<Option<LimitParam>>,
         /// The `next_cursor` of the previous page; absent for the first page.
-        cursor: Query<Option<String>>,
+        cursor: Query<Option<CursorParam>>,
     ) -> Reply<Json<OrderListBody>, ListOrders> {
         let list = async {
             let user = caller.acting_for(&user_id)?;
@@ -441,7 +448,7 @@ impl OrdersApi {
     async fn events(
         &self,
         caller: StreamCaller,
-        user_id: Query<String>,
+        user_id: Query<UserIdParam>,
         /// With `--auth jwt`: a ticket from `POST /api/orders/events/ticket` (an EventSource
         /// cannot send an Authorization header).
         #[oai(name = "ticket")]

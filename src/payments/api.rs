@@ -12,7 +12,9 @@ use crate::statuses;
 use crate::web::auth::{Caller, FORBIDDEN_DOC, TOP_UP_SCOPE, UNAUTHORIZED_DOC};
 use crate::web::error::{ApiError, INTERNAL_DOC, Reply};
 use crate::web::idempotency::IdempotentPost;
-use crate::web::params::{invalid, parse_amount, parse_limit};
+use crate::web::params::{
+    AmountParam, CursorParam, LimitParam, UserIdParam, invalid, parse_amount, parse_limit,
+};
 
 #[derive(Tags)]
 enum Tag {
@@ -187,7 +189,7 @@ impl PaymentsApi {
     async fn create_account(
         &self,
         caller: Caller,
-        user_id: Query<String>,
+        user_id: Query<UserIdParam>,
         /// Optional: a retry with the same key gets the first response and creates nothing.
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
@@ -220,8 +222,8 @@ impl PaymentsApi {
     async fn add_funds(
         &self,
         caller: Caller,
-        user_id: Query<String>,
-        amount: Query<String>,
+        user_id: Query<UserIdParam>,
+        amount: Query<AmountParam>,
         /// Optional: a retry with the same key gets the first response and adds nothing.
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<Option<String>>,
@@ -254,7 +256,7 @@ impl PaymentsApi {
     async fn balance(
         &self,
         caller: Caller,
-        user_id: Query<String>,
+        user_id: Query<UserIdParam>,
     ) -> Reply<Json<AccountBody>, Balance> {
         let read = async {
             let account = self.account(&caller, &user_id).await?;
@@ -268,11 +270,11 @@ impl PaymentsApi {
     async fn transactions(
         &self,
         caller: Caller,
-        user_id: Query<String>,
+        user_id: Query<UserIdParam>,
         /// Entries per page: 1 to 1000, 100 if absent.
-        limit: Query<Option<String>>,
+        limit: Query<Option<LimitParam>>,
         /// The `next_cursor` of the previous page; absent for the first page.
-        cursor: Query<Option<String>>,
+        cursor: Query<Option<CursorParam>>,
     ) -> Reply<Json<LedgerBody>, Ledger> {
         let read = async {
             let limit = parse_limit(limit.as_deref())?;
