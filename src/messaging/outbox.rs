@@ -125,7 +125,10 @@ impl Relay {
             txn.commit().await?;
             return Ok(0);
         }
+        let publishing = std::time::Instant::now();
         self.publish_confirmed(channel, &rows).await?;
+        let took = publishing.elapsed().as_secs_f64();
+        self.broker.metrics().relay_published(schema, took);
         let sent: Vec<i64> = rows.iter().map(|row| row.seq).collect();
         txn.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,

@@ -40,6 +40,7 @@ pub struct HttpRouteLabels {
 
 #[derive(Clone)]
 pub struct Metrics {
+    relay_publish: Family<SchemaLabel, Histogram>,
     http_requests: Family<HttpLabels, Counter>,
     http_duration: Family<HttpRouteLabels, Histogram>,
     registry: Arc<Registry>,
@@ -105,7 +106,17 @@ impl Default for Metrics {
             "Time to answer an HTTP request (to its first byte), by route and method",
             http_duration.clone(),
         );
+        // 0.1 ms .. ~3 s.
+        let relay_publish = Family::<SchemaLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+        });
+        registry.register(
+            "relay_publish_seconds",
+            "From publishing an outbox batch to the broker's last confirm of it",
+            relay_publish.clone(),
+        );
         Metrics {
+            relay_publish,
             http_requests,
             http_duration,
             registry: Arc::new(registry),
@@ -137,6 +148,12 @@ impl Metrics {
             outcome: outcome.to_owned(),
         };
         self.consumed.get_or_create(&labels).inc();
+    }
+
+    pub fn relay_published(&self, from_schema: &str, seconds: f64) {
+        self.relay_publish
+            .get_or_create(&schema(from_schema))
+            .observe(seconds);
     }
 
     pub fn http_answered(&self, route: &str, method: &str, status: u16, seconds: f64) {

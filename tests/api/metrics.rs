@@ -80,6 +80,11 @@ async fn metrics_count_the_saga() {
         format!("gozon_messages_consumed_total{{queue=\"{payments_queue}\",outcome=\"applied\"}}");
     assert_eq!(value(&text, &applied), Some(1.0));
     assert_eq!(value(&text, "gozon_saga_duration_seconds_count"), Some(1.0));
+    // Each relay published one batch, and its publish-to-confirm time was observed.
+    for schema in ["orders", "payments"] {
+        let batches = format!("gozon_relay_publish_seconds_count{{schema=\"{schema}\"}}");
+        assert_eq!(value(&text, &batches), Some(1.0), "{batches}");
+    }
     assert_eq!(
         value(&text, "gozon_outbox_backlog{schema=\"orders\"}"),
         Some(0.0)
