@@ -1,8 +1,9 @@
 //! The shared kernel: the value types both contexts and their messages speak in (parsed once,
-//! valid wherever they travel), the retry pace every reconnecting loop shares, and the loop of
-//! periodic chores.
+//! valid wherever they travel), the retry pace every reconnecting loop shares, the loop of
+//! periodic chores, and the coalescing of concurrent reads.
 
 pub mod backoff;
+pub mod coalesce;
 pub mod money;
 pub mod periodic;
 pub mod user_id;

@@ -13,6 +13,7 @@ use sea_orm::{DatabaseConnection, DatabaseTransaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::kernel::coalesce::{BatchFailed, BatchLoad, Coalescer};
 use crate::kernel::user_id::UserId;
 use crate::orders::domain::{CancelReason, Order, OrderCursor, OrderId, OrderStatus};
 use crate::orders::events::{self, FollowError, OrderEvents};
@@ -35,6 +36,8 @@ enum Tag {
 
 pub struct OrdersApi {
     db: DatabaseConnection,
+    /// GET order: concurrent reads share one SELECT.
+    reads: Coalescer<OrderId, Order, OrderReads>,
     /// Most NEW orders one user may have at once.
     max_new_orders: Option<u32>,
     relay_wake: Arc<Notify>,
@@ -52,6 +55,7 @@ impl OrdersApi {
         shutdown: CancellationToken,
     ) -> OrdersApi {
         OrdersApi {
+            reads: Coalescer::new(OrderReads(db.clone()), READ_LANES, READ_BATCH),
             db,
             max_new_orders,
             relay_wake,
@@ -69,6 +73,22 @@ impl OrdersApi {
             OrderEvents::default(),
             CancellationToken::new(),
         )
+    }
+}
+
+/// SELECTs for GET order at once, and ids in each: with the pool's 16 connections, reads
+/// leave room for the saga, and 32 concurrent readers share 4 queries of about 8 ids.
+const READ_LANES: usize = 4;
+const READ_BATCH: usize = 64;
+
+/// Loads the orders a batch of GETs asks for.
+struct OrderReads(DatabaseConnection);
+
+impl BatchLoad<OrderId, Order> for OrderReads {
+    type Error = sea_orm::DbErr;
+    async fn load(&self, ids: Vec<OrderId>) -> Result<Vec<(OrderId, Order)>, sea_orm::DbErr> {
+        let orders = store::find_orders(&self.0, &ids).await?;
+        Ok(orders.into_iter().map(|order| (order.id, order)).collect())
     }
 }
 
@@ -396,7 +416,11 @@ impl OrdersApi {
     ) -> Reply<Json<OrderBody>, GetOrder> {
         let find = async {
             let id = OrderId::parse(&id).map_err(|error| invalid("invalid_order_id", error))?;
-            let order = store::find_order(&self.db, id).await?;
+            let order = match self.reads.get(id).await {
+                Ok(order) => order,
+                // Alone, to answer with this read's own error.
+                Err(BatchFailed) => store::find_order(&self.db, id).await?,
+            };
             // Someone else's order is answered as if it did not exist.
             let order = order.filter(|order| caller.may_read(&order.user_id));
             order.ok_or_else(|| ApiError::from(OrdersError::OrderNotFound))

@@ -96,7 +96,23 @@ pub async fn find_order(conn: &impl ConnectionTrait, id: OrderId) -> Result<Opti
     .transpose()
 }
 
-/// The user's orders, newest first.
+/// The orders among `ids` that exist (in no particular order): one statement for many GETs.
+pub async fn find_orders(
+    conn: &impl ConnectionTrait,
+    ids: &[OrderId],
+) -> Result<Vec<Order>, DbErr> {
+    let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+    OrderRow::find_by_statement(statement(
+        &format!("SELECT {ORDER_COLUMNS} FROM orders.orders WHERE id = ANY($1)"),
+        [ids.into()],
+    ))
+    .all(conn)
+    .await?
+    .into_iter()
+    .map(OrderRow::into_order)
+    .collect()
+}
+
 /// Up to `limit` of `user`'s orders, newest first, from just after `after` (keyset: a page
 /// stays the same while newer orders arrive). Uses `orders_user_created_idx`.
 pub async fn list_orders(
