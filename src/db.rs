@@ -9,22 +9,33 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbE
 
 use crate::ops::telemetry::mask_password;
 
+/// How many connections a pool holds: at most `max`, and `min` kept open from the start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolSize {
+    pub max: u32,
+    pub min: u32,
+}
+
+impl PoolSize {
+    /// For a tool's few queries: connections opened as needed.
+    pub const fn on_demand(max: u32) -> PoolSize {
+        PoolSize { max, min: 1 }
+    }
+}
+
 /// Connects to `url`, first creating its database through the server's `postgres` database
 /// when it does not exist yet.
-pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
+pub async fn connect(url: &str, size: PoolSize) -> Result<DatabaseConnection, DbErr> {
     ensure_database_exists(url).await?;
-    connect_existing(url, max_connections).await
+    connect_existing(url, size).await
 }
 
 /// Connects to a database that must already exist.
-pub async fn connect_existing(
-    url: &str,
-    max_connections: u32,
-) -> Result<DatabaseConnection, DbErr> {
+pub async fn connect_existing(url: &str, size: PoolSize) -> Result<DatabaseConnection, DbErr> {
     let mut options = ConnectOptions::new(url.to_owned());
     options
-        .max_connections(max_connections)
-        .min_connections(1)
+        .max_connections(size.max)
+        .min_connections(size.min.clamp(1, size.max))
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(5))
         .sqlx_logging(false);

@@ -91,7 +91,8 @@ impl Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let db = gozon::db::connect_existing(&args.database_url, 4).await?;
+    let db =
+        gozon::db::connect_existing(&args.database_url, gozon::db::PoolSize::on_demand(4)).await?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency.max(64))
         .build()?;

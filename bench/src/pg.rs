@@ -31,7 +31,7 @@ pub async fn limits(args: &Args) -> anyhow::Result<Limits> {
             .unwrap_or("0")
     );
     let url = format!("{server}/{name}");
-    let db = gozon::db::connect(&url, 2).await?;
+    let db = gozon::db::connect(&url, gozon::db::PoolSize::on_demand(2)).await?;
     for context in gozon::app::contexts::ALL {
         migrations::migrate(&db, context.migrations).await?;
     }
@@ -46,7 +46,11 @@ pub async fn limits(args: &Args) -> anyhow::Result<Limits> {
     let saga = pgbench(args, &url, "bench/saga.sql").await;
     let get_order = pgbench(args, &url, "bench/get_order.sql").await;
     db.close().await?;
-    let admin = gozon::db::connect_existing(&format!("{server}/postgres"), 1).await?;
+    let admin = gozon::db::connect_existing(
+        &format!("{server}/postgres"),
+        gozon::db::PoolSize::on_demand(1),
+    )
+    .await?;
     admin
         .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
         .await?;

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
+use crate::db::PoolSize;
 use crate::messaging::amqp::BrokerSettings;
 use crate::messaging::consumer::ConsumerSettings;
 use crate::messaging::outbox::{HousekeepingSettings, RelaySettings};
@@ -36,6 +37,12 @@ pub struct Settings {
     /// Most connections this process opens to PostgreSQL.
     #[arg(long, env = "GOZON_DB_MAX_CONNECTIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=1000))]
     pub db_max_connections: u32,
+
+    /// Connections opened at start and kept open; the maximum if absent. A pool that opens its
+    /// connections only when load arrives stalls the first burst while it connects (TLS and
+    /// authentication for each), so by default the whole pool is ready before traffic is.
+    #[arg(long, env = "GOZON_DB_MIN_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_min_connections: Option<u32>,
 
     /// RabbitMQ URL.
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
@@ -293,6 +300,16 @@ impl Settings {
         }
     }
 
+    pub fn db_pool(&self) -> PoolSize {
+        PoolSize {
+            max: self.db_max_connections,
+            min: self
+                .db_min_connections
+                .unwrap_or(self.db_max_connections)
+                .min(self.db_max_connections),
+        }
+    }
+
     pub fn relay(&self) -> RelaySettings {
         RelaySettings {
             poll_interval: Duration::from_millis(self.outbox_poll_ms),
@@ -324,6 +341,7 @@ impl fmt::Debug for Settings {
             .field("database_url", &mask_password(&self.database_url))
             .field("skip_migrations", &self.skip_migrations)
             .field("db_max_connections", &self.db_max_connections)
+            .field("db_min_connections", &self.db_min_connections)
             .field("amqp_url", &mask_password(&self.amqp_url))
             .field("amqp_prefix", &self.amqp_prefix)
             .field("message_key", &self.keyring().current().id())

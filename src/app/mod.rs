@@ -46,7 +46,7 @@ pub async fn connect_and_migrate(
     settings: &Settings,
     role: Role,
 ) -> anyhow::Result<DatabaseConnection> {
-    let (url, pool) = (&settings.database_url, settings.db_max_connections);
+    let (url, pool) = (&settings.database_url, settings.db_pool());
     let connected = if settings.skip_migrations {
         db::connect_existing(url, pool).await
     } else {
@@ -211,7 +211,7 @@ async fn serve(
 
 /// `gozon audit`: prints the report; an error when an invariant is broken.
 pub async fn audit(database_url: &str, settings: &audit::AuditSettings) -> anyhow::Result<()> {
-    let db = db::connect_existing(database_url, 2).await?;
+    let db = db::connect_existing(database_url, db::PoolSize::on_demand(2)).await?;
     let report = audit::audit(&db, settings).await?;
     println!("{report}");
     if !report.passed() {

@@ -88,6 +88,9 @@ impl TestEnv {
             "120",
             "--db-max-connections",
             "8",
+            // Many apps run at once: connect only as needed.
+            "--db-min-connections",
+            "1",
             // Tests about something else must not trip the rate limits (edge.rs sets its own).
             "--rate-limit-per-client",
             "0",
@@ -487,6 +490,9 @@ impl TestEnv {
             "120",
             "--db-max-connections",
             "8",
+            // Many apps run at once: connect only as needed.
+            "--db-min-connections",
+            "1",
         ]
         .iter()
         .map(|s| s.to_string())
