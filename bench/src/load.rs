@@ -214,12 +214,13 @@ impl Run {
     }
 }
 
-/// Raises the rate by half while it is sustained; after a failure tries halfway between the
-/// best sustained rate and the failed one (or half the rate, if none was sustained yet), and
-/// stops at the second failure after a success, or after 12 steps.
+/// Raises the rate by half while it is sustained; once a rate has failed, bisects between the
+/// best sustained rate and the lowest failed one until they are within 5% of each other (or
+/// after 12 steps, or a second failure above a success).
 pub async fn find_max(args: &Args, run: &Run) -> anyhow::Result<Vec<Step>> {
     let mut steps: Vec<Step> = Vec::new();
-    let (mut rate, mut best, mut failures) = (args.rate, None::<f64>, 0);
+    let (mut rate, mut best, mut failed) = (args.rate, None::<f64>, None::<f64>);
+    let mut failures_above_best = 0;
     while rate <= args.max_rate && rate >= 5.0 && steps.len() < 12 {
         let step = run.step(args, rate).await?;
         let ok = step.sustainable();
@@ -229,20 +230,22 @@ pub async fn find_max(args: &Args, run: &Run) -> anyhow::Result<Vec<Step>> {
             step.settled_per_sec
         );
         steps.push(step);
-        match (ok, best) {
-            (true, _) => {
-                best = Some(rate);
-                rate *= 1.5;
-            }
-            (false, None) => rate /= 2.0,
-            (false, Some(good)) => {
-                failures += 1;
-                if failures >= 2 || rate - good < good * 0.05 {
-                    break;
-                }
-                rate = (good + rate) / 2.0;
+        if ok {
+            best = Some(rate);
+        } else {
+            failed = Some(failed.map_or(rate, |f: f64| f.min(rate)));
+            if best.is_some() {
+                failures_above_best += 1;
             }
         }
+        rate = match (best, failed) {
+            (Some(good), None) => good * 1.5,
+            (None, Some(bad)) => bad / 2.0,
+            (Some(good), Some(bad)) if bad - good > good * 0.05 && failures_above_best < 3 => {
+                (good + bad) / 2.0
+            }
+            _ => break,
+        };
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     Ok(steps)
