@@ -24,6 +24,7 @@ use crate::payments::api::PaymentsApi;
 use crate::web::auth::Authenticator;
 use crate::web::edge::{self, PostLimits};
 use crate::web::error::{ApiError, error_to_json};
+use crate::web::idempotency;
 
 pub const TITLE: &str = "Gozon";
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -134,7 +135,7 @@ pub fn routes(
         .data(authenticator)
         .catch_all_error(error_to_json)
         .around(move |ep, request| {
-            let refusal = post_limits.check(&request);
+            let refusal = idempotency::unreadable_key(&request).or_else(|| post_limits.check(&request));
             async move {
                 match refusal {
                     Some(refusal) => Ok(refusal.into_response()),

@@ -3,11 +3,10 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
 use poem::http::StatusCode;
 use poem::middleware::ReqId;
 use poem_openapi::param::{Header, Query};
-use poem_openapi::payload::{EventStream, Json};
+use poem_openapi::payload::Json;
 use poem_openapi::{Enum, Object, OpenApi, Tags};
 use sea_orm::{DatabaseConnection, DatabaseTransaction};
 use tokio::sync::Notify;
@@ -24,9 +23,10 @@ use crate::web::auth::{Caller, FORBIDDEN_DOC, StreamCaller, UNAUTHORIZED_DOC, is
 use crate::web::error::{ApiError, INTERNAL_DOC, Reply};
 use crate::web::idempotency::IdempotentPost;
 use crate::web::params::{
-    AmountParam, CursorParam, LimitParam, OrderIdParam, UserIdParam, invalid, parse_amount,
-    parse_limit,
+    AmountParam, IdempotencyKeyParam, LimitParam, OrderCursorParam, OrderIdParam, UserIdParam,
+    invalid, parse_amount, parse_limit,
 };
+use crate::web::sse::{DescribedEvent, Events};
 
 #[derive(Tags)]
 enum Tag {
@@ -134,6 +134,7 @@ pub struct OrderBody {
     pub amount: String,
     pub status: OrderStatusBody,
     /// Why the order was cancelled; null otherwise.
+    #[oai(nullable)]
     pub reason: Option<CancelReasonBody>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
@@ -169,6 +170,7 @@ impl From<Order> for OrderBody {
 pub struct OrderListBody {
     pub orders: Vec<OrderBody>,
     /// Pass as `cursor` for the next page; null on the last page.
+    #[oai(nullable)]
     pub next_cursor: Option<String>,
 }
 
@@ -268,7 +270,9 @@ pub struct TicketBody {
     pub expires_in: u64,
 }
 
-type OrderStream = EventStream<BoxStream<'static, OrderBody>>;
+impl DescribedEvent for OrderBody {
+    const DATA: &'static str = "The order as JSON: an `OrderBody`.";
+}
 
 const CREATE: IdempotentPost = IdempotentPost {
     schema: SCHEMA,
@@ -326,7 +330,7 @@ impl OrdersApi {
         /// Optional: a retry with the same key gets the first response and places no second
         /// order (so it is never paid twice).
         #[oai(name = "Idempotency-Key")]
-        idempotency_key: Header<Option<String>>,
+        idempotency_key: Header<Option<IdempotencyKeyParam>>,
     ) -> Reply<Json<OrderBody>, CreateOrder> {
         let create = async {
             let user = caller.acting_for(&user_id)?;
@@ -363,7 +367,7 @@ impl OrdersApi {
         id: Query<OrderIdParam>,
         /// Optional: a retry with the same key gets the first response.
         #[oai(name = "Idempotency-Key")]
-        idempotency_key: Header<Option<String>>,
+        idempotency_key: Header<Option<IdempotencyKeyParam>>,
     ) -> Reply<Json<OrderBody>, CancelOrder> {
         let cancel = async {
             let id = OrderId::parse(&id).map_err(|error| invalid("invalid_order_id", error))?;
@@ -437,7 +441,7 @@ impl OrdersApi {
         /// Orders per page: 1 to 1000, 100 if absent.
         limit: Query<Option<LimitParam>>,
         /// The `next_cursor` of the previous page; absent for the first page.
-        cursor: Query<Option<CursorParam>>,
+        cursor: Query<Option<OrderCursorParam>>,
     ) -> Reply<Json<OrderListBody>, ListOrders> {
         let list = async {
             let user = caller.acting_for(&user_id)?;
@@ -480,12 +484,12 @@ impl OrdersApi {
         /// With `--auth jwt`: the bearer token itself, where a ticket cannot be fetched.
         #[oai(name = "access_token")]
         _access_token: Query<Option<String>>,
-    ) -> Reply<OrderStream, FollowOrders> {
+    ) -> Reply<Events<OrderBody>, FollowOrders> {
         let follow = || {
             let user = caller.0.acting_for(&user_id)?;
             let stream = self.events.follow(user, self.shutdown.clone())?;
             let stream = stream.map(OrderBody::from).boxed();
-            Ok::<_, ApiError>(EventStream::new(stream).keep_alive(EVENTS_KEEP_ALIVE))
+            Ok::<_, ApiError>(Events::new(stream, EVENTS_KEEP_ALIVE))
         };
         follow().into()
     }
@@ -505,5 +509,27 @@ impl OrdersApi {
                 })
             })
             .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::web::params::assert_pattern_is_the_parser;
+
+    const HEX: &str = "0123456789abcdefABCDEFg-_ {}";
+
+    #[test]
+    fn the_order_id_pattern_is_the_parser() {
+        assert_pattern_is_the_parser(&OrderIdParam::pattern(), HEX, |text| {
+            OrderId::parse(text).is_ok()
+        });
+    }
+
+    #[test]
+    fn the_cursor_pattern_is_the_parser() {
+        assert_pattern_is_the_parser(&OrderCursorParam::pattern(), HEX, |text| {
+            OrderCursor::parse(text).is_ok()
+        });
     }
 }

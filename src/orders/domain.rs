@@ -164,6 +164,16 @@ impl OrderCursor {
 
     pub fn parse(text: &str) -> Result<OrderCursor, OrderCursorError> {
         let (micros, id) = text.split_once('_').ok_or(OrderCursorError)?;
+        // Plain digits as Display writes them (no sign, no leading zero, at most 16 digits:
+        // until the year 2286), so the pattern in the spec describes exactly what is accepted.
+        let plain = micros == "0" || !micros.starts_with('0');
+        if !plain
+            || micros.is_empty()
+            || micros.len() > 16
+            || !micros.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(OrderCursorError);
+        }
         let micros: i64 = micros.parse().map_err(|_| OrderCursorError)?;
         let created_at = DateTime::from_timestamp_micros(micros).ok_or(OrderCursorError)?;
         let id = OrderId::parse(id).map_err(|_| OrderCursorError)?;

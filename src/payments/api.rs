@@ -13,7 +13,8 @@ use crate::web::auth::{Caller, FORBIDDEN_DOC, TOP_UP_SCOPE, UNAUTHORIZED_DOC};
 use crate::web::error::{ApiError, INTERNAL_DOC, Reply};
 use crate::web::idempotency::IdempotentPost;
 use crate::web::params::{
-    AmountParam, CursorParam, LimitParam, UserIdParam, invalid, parse_amount, parse_limit,
+    AmountParam, IdempotencyKeyParam, LedgerCursorParam, LimitParam, UserIdParam, invalid,
+    parse_amount, parse_limit,
 };
 
 #[derive(Tags)]
@@ -72,6 +73,7 @@ pub struct LedgerEntryBody {
     /// Always positive; `kind` says which way it went.
     pub amount: String,
     /// The order paid, for a debit; refunded, for a refund.
+    #[oai(nullable)]
     pub order_id: Option<uuid::Uuid>,
     pub balance_after: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
@@ -94,6 +96,15 @@ impl From<LedgerEntry> for LedgerEntryBody {
     }
 }
 
+/// A ledger cursor: a positive entry id in plain digits (no sign, no leading zero), as
+/// `next_cursor` gives it and its pattern in the spec says.
+fn parse_ledger_cursor(text: &str) -> Option<i64> {
+    let plain = !text.starts_with('0') && text.bytes().all(|b| b.is_ascii_digit());
+    (plain && text.len() <= 18)
+        .then(|| text.parse::<i64>().ok())
+        .flatten()
+}
+
 /// A page of an account's ledger, newest first.
 #[derive(Debug, Object)]
 pub struct LedgerBody {
@@ -101,6 +112,7 @@ pub struct LedgerBody {
     pub balance: String,
     pub transactions: Vec<LedgerEntryBody>,
     /// Pass as `cursor` for the next page; null on the last page.
+    #[oai(nullable)]
     pub next_cursor: Option<String>,
 }
 
@@ -192,7 +204,7 @@ impl PaymentsApi {
         user_id: Query<UserIdParam>,
         /// Optional: a retry with the same key gets the first response and creates nothing.
         #[oai(name = "Idempotency-Key")]
-        idempotency_key: Header<Option<String>>,
+        idempotency_key: Header<Option<IdempotencyKeyParam>>,
     ) -> Reply<Json<AccountBody>, CreateAccount> {
         let open = async {
             let user = caller.acting_for(&user_id)?;
@@ -226,7 +238,7 @@ impl PaymentsApi {
         amount: Query<AmountParam>,
         /// Optional: a retry with the same key gets the first response and adds nothing.
         #[oai(name = "Idempotency-Key")]
-        idempotency_key: Header<Option<String>>,
+        idempotency_key: Header<Option<IdempotencyKeyParam>>,
     ) -> Reply<Json<AccountBody>, AddFunds> {
         let top_up = async {
             let user = caller.acting_with_scope(&user_id, TOP_UP_SCOPE)?;
@@ -274,13 +286,13 @@ impl PaymentsApi {
         /// Entries per page: 1 to 1000, 100 if absent.
         limit: Query<Option<LimitParam>>,
         /// The `next_cursor` of the previous page; absent for the first page.
-        cursor: Query<Option<CursorParam>>,
+        cursor: Query<Option<LedgerCursorParam>>,
     ) -> Reply<Json<LedgerBody>, Ledger> {
         let read = async {
             let limit = parse_limit(limit.as_deref())?;
             let before = cursor
                 .as_deref()
-                .map(|cursor| cursor.parse::<i64>().ok().filter(|id| *id > 0))
+                .map(parse_ledger_cursor)
                 .map(|id| {
                     id.ok_or_else(|| {
                         invalid(
@@ -314,5 +326,18 @@ impl PaymentsApi {
         let user = caller.acting_for(user_id)?;
         let account = store::find_account(&self.db, &user).await?;
         Ok(account.ok_or(PaymentsError::AccountNotFound)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::web::params::assert_pattern_is_the_parser;
+
+    #[test]
+    fn the_ledger_cursor_pattern_is_the_parser() {
+        assert_pattern_is_the_parser(&LedgerCursorParam::pattern(), "0123456789+- .", |text| {
+            parse_ledger_cursor(text).is_some()
+        });
     }
 }

@@ -39,6 +39,25 @@ impl IdempotencyKey {
     }
 }
 
+/// The header's name, as requests carry it.
+pub const HEADER: &str = "idempotency-key";
+
+/// A POST whose `Idempotency-Key` cannot be read as one key: bytes outside visible ASCII (which
+/// the parameter extractor would skip, so the request would be applied without its key), or
+/// the header given twice. Refused before any handler runs, so nothing changes.
+pub fn unreadable_key(request: &poem::Request) -> Option<ApiError> {
+    if request.method() != poem::http::Method::POST {
+        return None;
+    }
+    let mut values = request.headers().get_all(HEADER).iter();
+    let first = values.next()?;
+    let readable = values.next().is_none()
+        && first
+            .to_str()
+            .is_ok_and(|text| IdempotencyKey::parse(text).is_ok());
+    (!readable).then(|| invalid("invalid_idempotency_key", IdempotencyKeyError))
+}
+
 /// Parses the optional `Idempotency-Key` header.
 fn parse_idempotency_key(header: Option<&str>) -> Result<Option<IdempotencyKey>, ApiError> {
     header

@@ -1,6 +1,6 @@
 //! The HTTP kit every context's API is built with: the JSON error envelope and the response
 //! type that declares an endpoint's statuses, who is calling (auth), parameter parsing, and
-//! idempotent POSTs. It knows
+//! idempotent POSTs, event streams. It knows
 //! no context; the wiring in `app` mounts the contexts' APIs.
 
 pub mod auth;
@@ -9,3 +9,4 @@ pub mod error;
 pub mod idempotency;
 pub mod listener;
 pub mod params;
+pub mod sse;

@@ -81,6 +81,20 @@ macro_rules! described_param {
             }
         }
 
+        #[cfg(test)]
+        impl $name {
+            /// The pattern the spec gives this parameter.
+            pub(crate) fn pattern() -> String {
+                let schema = <Self as poem_openapi::types::Type>::schema_ref();
+                match schema {
+                    poem_openapi::registry::MetaSchemaRef::Inline(schema) => {
+                        schema.pattern.clone().unwrap_or_default()
+                    }
+                    poem_openapi::registry::MetaSchemaRef::Reference(_) => String::new(),
+                }
+            }
+        }
+
         impl poem_openapi::types::ParseFromParameter for $name {
             fn parse_from_parameter(value: &str) -> poem_openapi::types::ParseResult<Self> {
                 Ok($name(value.to_owned()))
@@ -102,14 +116,21 @@ described_param!(
 
 described_param!(
     /// `amount`: a decimal with at most 2 decimals, greater than 0 and at most 1000000000.00.
+    /// The pattern is exactly the set `Money::parse_amount` accepts (leading zeros included),
+    /// so a generator that follows it never sends an amount Gozon refuses, and one that breaks
+    /// it is always refused.
     AmountParam {
         description: Some("An amount greater than 0 and at most 1000000000.00: digits, and at most two decimals after a dot ('200', '12.50')."),
-        pattern: Some("^[0-9]{1,10}(\\.[0-9]{1,2})?$".to_owned()),
+        pattern: Some(AMOUNT_PATTERN.to_owned()),
         min_length: Some(1),
-        max_length: Some(13),
         example: Some(serde_json::json!("12.50")),
     }
 );
+
+/// (0, 1 000 000 000.00] with at most two decimals: 1-9 significant whole digits, or exactly
+/// 1000000000 (.0, .00), or a fraction of one with at least one non-zero digit.
+pub const AMOUNT_PATTERN: &str =
+    "^(?:0*[1-9][0-9]{0,8}(?:\\.[0-9]{1,2})?|0*1000000000(?:\\.00?)?|0+\\.(?:0[1-9]|[1-9][0-9]?))$";
 
 described_param!(
     /// `id`: an order id.
@@ -127,16 +148,147 @@ described_param!(
     /// `limit`: a page size.
     LimitParam {
         description: Some("Items per page: a whole number from 1 to 1000; 100 if absent."),
-        pattern: Some("^[0-9]{1,4}$".to_owned()),
+        pattern: Some("^0*(?:[1-9][0-9]{0,2}|1000)$".to_owned()),
+        min_length: Some(1),
         example: Some(serde_json::json!("100")),
     }
 );
 
 described_param!(
-    /// `cursor`: where the next page starts.
-    CursorParam {
-        description: Some("The `next_cursor` of the previous page, as it was returned; absent for the first page."),
-        min_length: Some(1),
-        max_length: Some(128),
+    /// `cursor` of the order list: where the next page starts.
+    OrderCursorParam {
+        description: Some("The `next_cursor` of the previous page, as it was returned (microseconds, '_', an order id); absent for the first page."),
+        pattern: Some("^(?:0|[1-9][0-9]{0,15})_[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$".to_owned()),
+        min_length: Some(38),
+        max_length: Some(53),
+        example: Some(serde_json::json!("1764574200000000_0190f5c2-8c1e-7a9b-b7a1-1f2e3d4c5b6a")),
     }
 );
+
+described_param!(
+    /// `cursor` of the ledger: where the next page starts.
+    LedgerCursorParam {
+        description: Some("The `next_cursor` of the previous page, as it was returned (a ledger entry id); absent for the first page."),
+        pattern: Some("^[1-9][0-9]{0,17}$".to_owned()),
+        min_length: Some(1),
+        max_length: Some(18),
+        example: Some(serde_json::json!("1042")),
+    }
+);
+
+described_param!(
+    /// `Idempotency-Key`: 1-255 visible ASCII characters.
+    IdempotencyKeyParam {
+        description: Some("Optional: 1-255 visible ASCII characters (a UUID, for instance). A retry with the same key and parameters gets the first response and has no second effect; the same key with other parameters is refused with 422."),
+        pattern: Some("^[!-~]{1,255}$".to_owned()),
+        min_length: Some(1),
+        max_length: Some(255),
+        example: Some(serde_json::json!("9b2f6c1e-3d4a-4f5b-8c7d-1e2f3a4b5c6d")),
+    }
+);
+
+/// Checks that a parameter's `pattern` in the spec is exactly what its parser accepts: every
+/// string the pattern generates is accepted, and strings over `alphabet` (random, and near
+/// misses of the pattern's own) are accepted exactly when they match it.
+#[cfg(test)]
+pub(crate) fn assert_pattern_is_the_parser(
+    pattern: &str,
+    alphabet: &str,
+    accepts: impl Fn(&str) -> bool,
+) {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    let regex = regex::Regex::new(pattern).expect("the pattern compiles");
+    // Generation knows no anchors; the patterns all match the whole text.
+    let body = pattern.trim_start_matches('^').trim_end_matches('$');
+    let generated = proptest::string::string_regex(body).expect("the pattern generates");
+    let chars: Vec<char> = alphabet.chars().collect();
+    let mut runner = TestRunner::new(Config {
+        cases: 3000,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&generated, |text| {
+            prop_assert!(accepts(&text), "{text:?} matches {pattern} but is refused");
+            Ok(())
+        })
+        .unwrap_or_else(|failure| panic!("{failure}"));
+    let random = proptest::collection::vec(proptest::sample::select(chars.clone()), 0..24)
+        .prop_map(|chars| chars.into_iter().collect::<String>());
+    let near_miss = (
+        generated,
+        any::<prop::sample::Index>(),
+        proptest::sample::select(chars),
+        0..3u8,
+    )
+        .prop_map(|(text, at, c, edit)| {
+            let mut chars: Vec<char> = text.chars().collect();
+            let at = if chars.is_empty() {
+                0
+            } else {
+                at.index(chars.len())
+            };
+            match edit {
+                0 => chars.insert(at, c),
+                1 if !chars.is_empty() => chars[at] = c,
+                _ if !chars.is_empty() => {
+                    chars.remove(at);
+                }
+                _ => chars.push(c),
+            }
+            chars.into_iter().collect::<String>()
+        });
+    for strategy in [random.boxed(), near_miss.boxed()] {
+        runner
+            .run(&strategy, |text| {
+                prop_assert_eq!(
+                    regex.is_match(&text),
+                    accepts(&text),
+                    "{:?}: pattern {} and parser disagree",
+                    text,
+                    pattern
+                );
+                Ok(())
+            })
+            .unwrap_or_else(|failure| panic!("{failure}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DECIMAL: &str = "0123456789.0019-+ e";
+
+    #[test]
+    fn the_amount_pattern_is_the_parser() {
+        assert_pattern_is_the_parser(AMOUNT_PATTERN, DECIMAL, |text| parse_amount(text).is_ok());
+        for edge in ["1000000000", "1000000000.00", "0.01", "000000000001.5"] {
+            assert!(parse_amount(edge).is_ok(), "{edge}");
+        }
+    }
+
+    #[test]
+    fn the_user_id_pattern_is_the_parser() {
+        let pattern = UserIdParam::pattern();
+        assert_pattern_is_the_parser(&pattern, "aZ09._-/ %é", |text| parse_user_id(text).is_ok());
+    }
+
+    #[test]
+    fn the_limit_pattern_is_the_parser() {
+        let pattern = LimitParam::pattern();
+        assert_pattern_is_the_parser(&pattern, "0123456789+-. ", |text| {
+            parse_limit(Some(text)).is_ok()
+        });
+    }
+
+    #[test]
+    fn the_idempotency_key_pattern_is_the_parser() {
+        let pattern = IdempotencyKeyParam::pattern();
+        assert_pattern_is_the_parser(&pattern, "a-Z~! \t\u{7f}é0", |text| {
+            crate::web::idempotency::IdempotencyKey::parse(text).is_ok()
+        });
+    }
+}
