@@ -13,8 +13,22 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve { settings, .. } | Command::Migrate { settings, .. } => settings.log_format,
         _ => LogFormat::Text,
     };
-    telemetry::init(log_format);
-    match cli.command {
+    let tracing = match &cli.command {
+        Command::Serve { role, settings } => Some(telemetry::Tracing {
+            otlp_endpoint: settings.otlp_endpoint.clone(),
+            service: role.service_name(),
+        }),
+        _ => None,
+    };
+    let telemetry = telemetry::init(log_format, tracing.as_ref())?;
+    let outcome = run(cli.command).await;
+    // Blocks while the last spans are sent, which takes the runtime's workers: not on one.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    outcome
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve { role, settings } => {
             let application = Application::build(&settings, role).await?;
             app::shutdown_on_signal(application.shutdown_token());

@@ -27,6 +27,16 @@ CREATE TABLE {schema}.inbox (
     )
 }
 
+/// The outbox's trace context (added after the first contexts were created).
+pub fn outbox_trace_context(schema: &str) -> String {
+    format!(
+        r#"
+-- The W3C trace context of the span that wrote the row, so the message continues its trace.
+ALTER TABLE {schema}.outbox ADD COLUMN traceparent TEXT NULL;
+"#
+    )
+}
+
 /// The first response to each POST that carried an `Idempotency-Key`.
 pub fn idempotency_keys(schema: &str) -> String {
     format!(
@@ -64,6 +74,22 @@ mod tests {
                 include_str!("payments/m20261125_000002_create_idempotency_keys.rs"),
             ),
         ];
+        let traced = [
+            (
+                "orders",
+                include_str!("orders/m20261201_000001_outbox_trace_context.rs"),
+            ),
+            (
+                "payments",
+                include_str!("payments/m20261201_000001_outbox_trace_context.rs"),
+            ),
+        ];
+        for (schema, migration) in traced {
+            assert!(
+                migration.contains(&outbox_trace_context(schema)),
+                "{schema} outbox trace context"
+            );
+        }
         for (schema, tables, keys) in applied {
             assert!(
                 tables.contains(&outbox_and_inbox(schema)),

@@ -127,6 +127,15 @@ pub enum Role {
 }
 
 impl Role {
+    /// The `service.name` of its traces.
+    pub fn service_name(self) -> &'static str {
+        match self {
+            Role::Orders => "gozon-orders",
+            Role::Payments => "gozon-payments",
+            Role::All => "gozon",
+        }
+    }
+
     /// The bounded contexts this role runs.
     pub fn contexts(self) -> Vec<&'static BoundedContext> {
         match self {

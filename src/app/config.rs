@@ -119,6 +119,13 @@ pub struct Settings {
     #[arg(long, env = "GOZON_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Export traces over OTLP/HTTP to this base URL (an OpenTelemetry collector, e.g.
+    /// `http://collector:4318`); off if absent. The standard variables are honoured too:
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_HEADERS, OTEL_SERVICE_NAME,
+    /// OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER, OTEL_BSP_*, OTEL_SDK_DISABLED.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Who may call the API: `none` (anyone acts for any user: the demo) or `jwt` (a bearer
     /// token's `sub` is the only user a call acts for).
     #[arg(long, env = "GOZON_AUTH", value_enum, default_value_t = AuthMode::None)]
@@ -359,6 +366,7 @@ impl fmt::Debug for Settings {
             .field("http_addr", &self.http_addr)
             .field("static_dir", &self.static_dir)
             .field("log_format", &self.log_format)
+            .field("otlp_endpoint", &self.otlp_endpoint)
             .field("auth", &self.auth)
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
             .field("jwt_public_key", &self.jwt_public_key)

@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::messaging::amqp::BrokerLinks;
 use crate::messaging::outbox;
 use crate::ops::metrics::Metrics;
+use crate::ops::telemetry;
 use crate::orders::api::OrdersApi;
 use crate::payments::api::PaymentsApi;
 use crate::web::auth::Authenticator;
@@ -125,6 +126,7 @@ pub fn routes(
         route = route.nest("/", StaticFilesEndpoint::new(dir).index_file("index.html"));
     }
     let allowed = Arc::new(allowed_methods());
+    let spans_allowed = allowed.clone();
     let counted = observed_metrics;
     let Guards {
         authenticator,
@@ -144,7 +146,10 @@ pub fn routes(
             }
         })
         .with(CatchPanic::new().with_handler(panicked))
-        .around(|ep, request| async move { Ok::<_, poem::Error>(in_request_span(&*ep, request).await) })
+        .around(move |ep, request| {
+            let allowed = spans_allowed.clone();
+            async move { Ok::<_, poem::Error>(in_request_span(&*ep, request, &allowed).await) }
+        })
         .with(RequestId::default().reuse_id(ReuseId::Use))
         .around(move |ep, request| {
             let (allowed, counted) = (allowed.clone(), counted.clone());
@@ -182,15 +187,40 @@ async fn at_the_door<E: Endpoint>(
 }
 
 /// One span per request, carrying its id, so that whatever a handler logs names the request.
-/// The access line is at debug (`RUST_LOG=gozon::access=debug`): at thousands of requests a
-/// second, formatting and writing a line each costs more than answering many of them; the
-/// `gozon_http_*` metrics count every request anyway.
-async fn in_request_span<E: Endpoint>(ep: &E, request: poem::Request) -> Response {
+/// When traces are exported it is also the trace's server span: a `traceparent` header makes it
+/// a child of the caller's span, and it carries the route, method and status. The access line
+/// is at debug (`RUST_LOG=gozon::access=debug`): at thousands of requests a second, formatting
+/// and writing a line each costs more than answering many of them; the `gozon_http_*` metrics
+/// count every request anyway.
+async fn in_request_span<E: Endpoint>(
+    ep: &E,
+    request: poem::Request,
+    allowed: &HashMap<String, String>,
+) -> Response {
+    use tracing::field::Empty;
     let request_id = request
         .data::<ReqId>()
         .map(|id| id.to_string())
         .unwrap_or_default();
-    let span = tracing::info_span!("request", %request_id);
+    let span = tracing::info_span!(
+        "request",
+        %request_id,
+        otel.name = Empty,
+        otel.kind = Empty,
+        http.request.method = Empty,
+        http.route = Empty,
+        http.response.status_code = Empty,
+    );
+    let exporting = telemetry::exporting();
+    if exporting {
+        let route = route_template(request.uri().path(), allowed);
+        span.record("otel.name", format!("{} {route}", request.method()));
+        span.record("otel.kind", "server");
+        span.record("http.request.method", request.method().as_str());
+        span.record("http.route", route);
+        let traceparent = request.headers().get(telemetry::TRACEPARENT);
+        telemetry::continue_trace(&span, traceparent.and_then(|v| v.to_str().ok()));
+    }
     let (method, started) = (request.method().clone(), std::time::Instant::now());
     let path = tracing::enabled!(target: "gozon::access", tracing::Level::DEBUG)
         .then(|| request.uri().path().to_owned());
@@ -198,6 +228,9 @@ async fn in_request_span<E: Endpoint>(ep: &E, request: poem::Request) -> Respons
         Ok(response) => response.into_response(),
         Err(error) => error.into_response(),
     };
+    if exporting {
+        span.record("http.response.status_code", response.status().as_u16());
+    }
     if let Some(path) = path {
         tracing::debug!(
             target: "gozon::access",

@@ -23,6 +23,7 @@ use crate::messaging::amqp::{AmqpError, Broker, QueueSpec, connect_until_ready};
 use crate::messaging::envelope::Envelope;
 use crate::messaging::inbox;
 use crate::messaging::signing;
+use crate::ops::telemetry;
 
 /// Why a message was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +104,15 @@ pub struct ConsumerSettings {
     pub prefetch: u16,
     /// Deliveries handled at once.
     pub concurrency: usize,
+}
+
+/// A text header of `delivery`.
+fn header<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a str> {
+    let value = delivery.properties.headers().as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok(),
+        _ => None,
+    }
 }
 
 fn lock(delays: &std::sync::Mutex<Delays>) -> std::sync::MutexGuard<'_, Delays> {
@@ -283,13 +293,7 @@ impl<H: Handler> Consumer<H> {
         shutdown: &CancellationToken,
     ) -> Result<Handled, HandleError> {
         let (envelope, message) = self.open(delivery)?;
-        let span = tracing::info_span!(
-            "message",
-            message_id = %envelope.message_id,
-            message_type = %envelope.message_type,
-            correlation_id = %envelope.correlation_id,
-            redelivered = delivery.redelivered,
-        );
+        let span = self.message_span(delivery, &envelope);
         let mut delays = Delays::new();
         let mut held = false;
         loop {
@@ -314,21 +318,41 @@ impl<H: Handler> Consumer<H> {
         }
     }
 
+    /// One span per delivery, naming the message; when traces are exported, the consumer span
+    /// of its trace, a child of the span that published it (its `traceparent` header).
+    fn message_span(&self, delivery: &Delivery, envelope: &Envelope) -> tracing::Span {
+        use tracing::field::Empty;
+        let span = tracing::info_span!(
+            "message",
+            message_id = %envelope.message_id,
+            message_type = %envelope.message_type,
+            correlation_id = %envelope.correlation_id,
+            redelivered = delivery.redelivered,
+            otel.name = Empty,
+            otel.kind = Empty,
+            messaging.system = Empty,
+            messaging.operation.type = Empty,
+            messaging.destination.name = Empty,
+        );
+        if telemetry::exporting() {
+            span.record("otel.name", format!("{} process", envelope.message_type));
+            span.record("otel.kind", "consumer");
+            span.record("messaging.system", "rabbitmq");
+            span.record("messaging.operation.type", "process");
+            span.record("messaging.destination.name", self.queue.suffix);
+            telemetry::continue_trace(&span, header(delivery, telemetry::TRACEPARENT));
+        }
+        span
+    }
+
     /// Checks the signature and decodes the envelope and its payload.
     fn open(&self, delivery: &Delivery) -> Result<(Envelope, H::Message), HandleError> {
-        let header = |name: &str| {
-            let value = delivery.properties.headers().as_ref()?.inner().get(name)?;
-            match value {
-                AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok(),
-                _ => None,
-            }
-        };
         let keyring = &self.broker.settings().keyring;
         keyring
             .verify(
                 &delivery.data,
-                header(signing::KEY_ID_HEADER),
-                header(signing::HEADER),
+                header(delivery, signing::KEY_ID_HEADER),
+                header(delivery, signing::HEADER),
             )
             .map_err(HandleError::poison)?;
         let envelope = Envelope::from_bytes(&delivery.data).map_err(HandleError::poison)?;

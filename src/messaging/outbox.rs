@@ -20,8 +20,10 @@ use crate::kernel::backoff::Delays;
 use crate::messaging::amqp::{AmqpError, Broker, connect_until_ready};
 use crate::messaging::envelope::{Envelope, Message};
 use crate::messaging::signing;
+use crate::ops::telemetry;
 
-/// Writes `message` to `<schema>.outbox` inside the caller's transaction.
+/// Writes `message` to `<schema>.outbox` inside the caller's transaction, with the trace context
+/// of the span the caller is in (when traces are exported), so the message continues its trace.
 pub async fn enqueue<C: Message>(
     conn: &impl ConnectionTrait,
     schema: &str,
@@ -35,14 +37,15 @@ pub async fn enqueue<C: Message>(
     conn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         format!(
-            "INSERT INTO {schema}.outbox (message_id, message_type, correlation_id, body) \
-             VALUES ($1, $2, $3, $4)"
+            "INSERT INTO {schema}.outbox (message_id, message_type, correlation_id, body, traceparent) \
+             VALUES ($1, $2, $3, $4, $5)"
         ),
         [
             envelope.message_id.into(),
             C::TYPE.into(),
             correlation_id.into(),
             body.into(),
+            telemetry::current_traceparent().into(),
         ],
     ))
     .await?;
@@ -56,6 +59,7 @@ struct PendingRow {
     message_type: String,
     correlation_id: String,
     body: serde_json::Value,
+    traceparent: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +118,7 @@ impl Relay {
         let rows = PendingRow::find_by_statement(Statement::from_sql_and_values(
             DbBackend::Postgres,
             format!(
-                "SELECT seq, message_id, message_type, correlation_id, body FROM {schema}.outbox \
+                "SELECT seq, message_id, message_type, correlation_id, body, traceparent FROM {schema}.outbox \
                  WHERE sent_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"
             ),
             [i64::from(self.settings.batch_size).into()],
@@ -150,10 +154,19 @@ impl Relay {
     ) -> Result<(), RelayError> {
         let exchange = self.broker.events_exchange();
         let mut confirms = Vec::with_capacity(rows.len());
+        // A span per traced message, open until the broker confirms it.
+        let mut spans = Vec::new();
         for row in rows {
             let payload = serde_json::to_vec(&row.body)
                 .map_err(|e| DbErr::Custom(format!("outbox body: {e}")))?;
-            let properties = self.properties(row, &payload);
+            let traceparent = row.traceparent.as_deref().map(|traceparent| {
+                let span = publish_span(row, &exchange, traceparent);
+                // Not exporting here: pass the writer's context on unchanged.
+                let own = telemetry::traceparent_of(&span);
+                spans.push(span);
+                own.unwrap_or_else(|| traceparent.to_owned())
+            });
+            let properties = self.properties(row, &payload, traceparent.as_deref());
             // mandatory: a message no queue would take comes back, and is not marked sent.
             let confirm = self
                 .broker
@@ -179,9 +192,20 @@ impl Relay {
         Ok(())
     }
 
-    /// Persistent, identified, correlated and signed.
-    fn properties(&self, row: &PendingRow, payload: &[u8]) -> BasicProperties {
+    /// Persistent, identified, correlated, signed, and traced when its writer was.
+    fn properties(
+        &self,
+        row: &PendingRow,
+        payload: &[u8],
+        traceparent: Option<&str>,
+    ) -> BasicProperties {
         let mut headers = FieldTable::default();
+        if let Some(traceparent) = traceparent {
+            headers.insert(
+                telemetry::TRACEPARENT.into(),
+                AMQPValue::LongString(traceparent.into()),
+            );
+        }
         headers.insert(
             "correlation_id".into(),
             AMQPValue::LongString(row.correlation_id.as_str().into()),
@@ -251,6 +275,22 @@ impl Relay {
         while self.relay_batch(channel).await? == self.settings.batch_size as usize {}
         Ok(())
     }
+}
+
+/// The producer span of one message, a child of the span that wrote its outbox row.
+fn publish_span(row: &PendingRow, exchange: &str, traceparent: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = format!("{} publish", row.message_type),
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "send",
+        messaging.destination.name = exchange,
+        messaging.message.id = %row.message_id,
+        correlation_id = %row.correlation_id,
+    );
+    telemetry::continue_trace(&span, Some(traceparent));
+    span
 }
 
 #[derive(Clone, Debug)]

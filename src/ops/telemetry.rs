@@ -1,8 +1,25 @@
-//! Logging: one tracing subscriber for the process, text or JSON, filtered by `RUST_LOG`; and
-//! passwords kept out of what is logged.
+//! Logging and tracing: one tracing subscriber for the process (text or JSON logs, filtered by
+//! `RUST_LOG`), spans exported over OTLP when an endpoint is given, the W3C trace context that
+//! carries one trace across HTTP, outbox rows and AMQP messages; and passwords kept out of logs.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use clap::ValueEnum;
-use tracing_subscriber::EnvFilter;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_http::{Bytes, HttpClient, HttpError, Request, Response};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -13,18 +30,191 @@ pub enum LogFormat {
 /// The filter when `RUST_LOG` is unset: our own info, and sqlx only when something is wrong
 /// (it logs every statement at info). lapin is silenced: its own recovery loop reports every
 /// failed attempt at ERROR (dozens a second with a wrong password), while Gozon's tasks report
-/// a lost or refused broker once, then retry with backoff quietly.
-const DEFAULT_FILTER: &str = "info,sqlx=warn,lapin=off,amq_protocol=off,poem=info";
+/// a lost or refused broker once, then retry with backoff quietly. The OpenTelemetry crates
+/// report their own export failures at debug; ours say it once at warn.
+const DEFAULT_FILTER: &str = "info,sqlx=warn,lapin=off,amq_protocol=off,poem=info,opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn";
 
-pub fn init(format: LogFormat) {
+/// The header (and AMQP header, and outbox column) that carries a span's context.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Where spans go, when they go anywhere.
+#[derive(Clone, Debug)]
+pub struct Tracing {
+    /// The OTLP/HTTP base URL (`http://collector:4318`); `/v1/traces` is appended, unless
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` names the whole URL.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` when `OTEL_SERVICE_NAME` does not set one.
+    pub service: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error(
+        "the OTLP endpoint {0:?} must be an http:// URL (an OpenTelemetry collector's OTLP/HTTP port)"
+    )]
+    Endpoint(String),
+    #[error("cannot build the OTLP exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// What must be flushed before the process exits.
+#[must_use = "shut it down, so the last spans are exported"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still buffered (bounded by the exporter's timeout).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(error) = provider.shutdown()
+        {
+            tracing::warn!(%error, "could not export the last spans");
+        }
+    }
+}
+
+/// True when spans are exported: only then do spans carry the OpenTelemetry fields (names,
+/// kinds, attributes), which would otherwise only lengthen every log line.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Installs the subscriber: logs always, span export when `tracing` names an endpoint (or the
+/// standard `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` does). Must run inside the Tokio runtime: the
+/// exporter sends on it. A second call (tests start many apps in one process) installs nothing.
+pub fn init(format: LogFormat, tracing: Option<&Tracing>) -> Result<Telemetry, TelemetryError> {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    // try_init: tests start many apps in one process and only the first may install it.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let logs = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .boxed(),
     };
+    let provider = tracing.map(tracer_provider).transpose()?.flatten();
+    let spans = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("gozon"))
+            .boxed()
+    });
+    let layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> =
+        std::iter::once(logs).chain(spans).collect();
+    let installed = tracing_subscriber::registry()
+        .with(layers)
+        .with(filter)
+        .try_init()
+        .is_ok();
+    if installed && provider.is_some() {
+        EXPORTING.store(true, Ordering::Relaxed);
+    }
+    Ok(Telemetry { provider })
+}
+
+/// The provider exporting to the configured endpoint; None when tracing is off (no endpoint,
+/// `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`).
+fn tracer_provider(tracing: &Tracing) -> Result<Option<SdkTracerProvider>, TelemetryError> {
+    let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
+    let endpoint = match (
+        env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        &tracing.otlp_endpoint,
+    ) {
+        (Some(whole), _) => whole,
+        (None, Some(base)) if !base.is_empty() => {
+            format!("{}/v1/traces", base.trim_end_matches('/'))
+        }
+        _ => return Ok(None),
+    };
+    if disabled {
+        return Ok(None);
+    }
+    if !endpoint.starts_with("http://") {
+        return Err(TelemetryError::Endpoint(endpoint));
+    }
+    let client = OnRuntime {
+        client: opentelemetry_http::hyper::HyperClient::with_default_connector(
+            Duration::from_secs(10),
+            None,
+        ),
+        runtime: tokio::runtime::Handle::current(),
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(client)
+        .with_endpoint(endpoint.clone())
+        .build()?;
+    let mut resource = Resource::builder();
+    if env("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(tracing.service);
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build();
+    tracing::info!(endpoint, "exporting traces over OTLP/HTTP");
+    Ok(Some(provider))
+}
+
+/// The batch exporter sends from a thread of its own, outside any runtime; hyper needs Tokio's
+/// reactor. This client hands each request to the application's runtime and waits for it there.
+#[derive(Debug)]
+struct OnRuntime {
+    client: opentelemetry_http::hyper::HyperClient,
+    runtime: tokio::runtime::Handle,
+}
+
+impl HttpClient for OnRuntime {
+    fn send_bytes<'life0, 'async_trait>(
+        &'life0 self,
+        request: Request<Bytes>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Bytes>, HttpError>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        let client = self.client.clone();
+        let sent = self
+            .runtime
+            .spawn(async move { client.send_bytes(request).await });
+        Box::pin(async move { sent.await.map_err(|error| Box::new(error) as HttpError)? })
+    }
+}
+
+/// The W3C `traceparent` of `span`, when it is part of an exported trace.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    if !exporting() {
+        return None;
+    }
+    let context = span.context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    carrier.remove(TRACEPARENT)
+}
+
+/// The `traceparent` of the span the caller is in.
+pub fn current_traceparent() -> Option<String> {
+    traceparent_of(&tracing::Span::current())
+}
+
+/// Makes `span` a child of the span `traceparent` names (from a request header, an outbox row
+/// or a message header). A missing or malformed one leaves `span` the root of a new trace.
+pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
+    let Some(traceparent) = traceparent.filter(|_| exporting()) else {
+        return;
+    };
+    let carrier = HashMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
+    let parent = TraceContextPropagator::new().extract(&carrier);
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
 }
 
 /// Hides the password of a URL such as `postgres://user:secret@host/db`.

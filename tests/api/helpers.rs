@@ -63,7 +63,7 @@ pub struct TestEnv {
 impl TestEnv {
     pub fn new() -> TestEnv {
         if std::env::var("TEST_LOG").is_ok() {
-            gozon::ops::telemetry::init(gozon::ops::telemetry::LogFormat::Text);
+            let _ = gozon::ops::telemetry::init(gozon::ops::telemetry::LogFormat::Text, None);
         }
         let id = uuid::Uuid::new_v4().simple().to_string();
         TestEnv {
@@ -466,11 +466,22 @@ pub async fn wait_for_outboxes_drained(db: &DatabaseConnection, within: Duration
 pub struct Process {
     child: std::process::Child,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
     pub app: TestApp,
 }
 
 impl TestEnv {
     pub async fn start_process(&self, role: &str) -> Process {
+        self.start_process_with(role, &[], &[]).await
+    }
+
+    /// A `gozon serve` process with more flags and environment variables.
+    pub async fn start_process_with(
+        &self,
+        role: &str,
+        flags: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Process {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -495,16 +506,26 @@ impl TestEnv {
             "1",
         ]
         .iter()
+        .chain(flags)
         .map(|s| s.to_string())
         .collect();
-        let child = spawn_gozon(&args);
+        let envs: Vec<(String, String)> = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = spawn_gozon(&args, &envs);
         let app = TestApp::at(&format!("http://127.0.0.1:{port}"));
         app.wait_until_ready().await;
-        Process { child, args, app }
+        Process {
+            child,
+            args,
+            envs,
+            app,
+        }
     }
 }
 
-fn spawn_gozon(args: &[String]) -> std::process::Child {
+fn spawn_gozon(args: &[String], envs: &[(String, String)]) -> std::process::Child {
     let logs = || {
         if std::env::var("TEST_LOG").is_ok() {
             std::process::Stdio::inherit()
@@ -514,6 +535,7 @@ fn spawn_gozon(args: &[String]) -> std::process::Child {
     };
     std::process::Command::new(env!("CARGO_BIN_EXE_gozon"))
         .args(args)
+        .envs(envs.iter().map(|(k, v)| (k, v)))
         .stdout(logs())
         .stderr(logs())
         .spawn()
@@ -553,7 +575,7 @@ impl Process {
 
     /// Starts the same process again (same port, database and broker names).
     pub async fn restart(&mut self) {
-        self.child = spawn_gozon(&self.args);
+        self.child = spawn_gozon(&self.args, &self.envs);
         self.app.wait_until_ready().await;
     }
 }

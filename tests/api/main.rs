@@ -22,3 +22,4 @@ mod rotation;
 mod saga;
 mod scale_out;
 mod shutdown;
+mod tracing;
