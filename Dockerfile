@@ -4,8 +4,11 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY migrations/Cargo.toml migrations/Cargo.toml
-RUN mkdir -p src migrations/src benches tests/api \
+# The benchmark is a workspace member: its manifest must be there, its code need not be.
+COPY bench/Cargo.toml bench/Cargo.toml
+RUN mkdir -p src migrations/src bench/src benches tests/api \
  && echo 'fn main() {}' > src/main.rs && touch src/lib.rs migrations/src/lib.rs \
+ && echo 'fn main() {}' > bench/src/main.rs \
  && echo 'fn main() {}' > benches/saga_latency.rs && echo 'fn main() {}' > tests/api/main.rs \
  && cargo build --release --locked --bin gozon \
  && rm -rf src migrations/src

@@ -273,31 +273,33 @@ pub struct Observed {
 /// to the broker.
 #[handler]
 async fn ready(observed: poem::web::Data<&Observed>) -> Response {
+    match readiness(&observed).await {
+        Ok(()) => PoemJson(serde_json::json!({"status": "ok"})).into_response(),
+        Err(down) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", down)
+            .into_response(),
+    }
+}
+
+/// What keeps this process from being ready, if anything.
+async fn readiness(observed: &Observed) -> Result<(), String> {
     if let Err(error) = observed.db.ping().await {
         tracing::warn!(%error, "not ready: database unreachable");
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            "the database is unreachable",
-        )
-        .into_response();
+        return Err("the database is unreachable".to_owned());
     }
     let down = observed.links.down();
     if !down.is_empty() {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            format!("not connected to the broker: {}", down.join(", ")),
-        )
-        .into_response();
+        return Err(format!("not connected to the broker: {}", down.join(", ")));
     }
-    PoemJson(serde_json::json!({"status": "ok"})).into_response()
+    Ok(())
 }
 
-/// Prometheus text format. Outbox backlogs are measured now; if the database cannot be read
-/// they keep their last value.
+/// Prometheus text format. Readiness and outbox backlogs are measured now; if the database
+/// cannot be read the backlogs keep their last value.
 #[handler]
 async fn metrics(observed: poem::web::Data<&Observed>) -> Response {
+    observed
+        .metrics
+        .set_ready(readiness(&observed).await.is_ok());
     for schema in &observed.schemas {
         match outbox::backlog(&observed.db, schema).await {
             Ok(backlog) => {

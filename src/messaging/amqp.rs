@@ -184,6 +184,31 @@ impl Broker {
         Ok((connection, channel))
     }
 
+    /// Messages ready in `queue` and in its dead-letter queue (passive declares: the queues
+    /// exist, their consumer declared them), recorded in the metrics.
+    pub async fn measure_depths(
+        &self,
+        channel: &Channel,
+        queue: &QueueSpec,
+    ) -> Result<(u32, u32), AmqpError> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let name = self.queue_name(queue);
+        let dlq = self.dead_letter_queue_name(queue);
+        let ready = self
+            .timed(channel.queue_declare(name.as_str().into(), passive, FieldTable::default()))
+            .await?
+            .message_count();
+        let dead = self
+            .timed(channel.queue_declare(dlq.as_str().into(), passive, FieldTable::default()))
+            .await?
+            .message_count();
+        self.metrics().queue_measured(&name, ready, dead);
+        Ok((ready, dead))
+    }
+
     async fn declare_topology(&self, channel: &Channel) -> Result<(), AmqpError> {
         let durable = ExchangeDeclareOptions {
             durable: true,

@@ -99,6 +99,9 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
+/// How often a consumer asks the broker how deep its queue and dead-letter queue are.
+const QUEUE_MEASURE_INTERVAL: Duration = Duration::from_secs(10);
+
 #[derive(Clone, Debug)]
 pub struct ConsumerSettings {
     pub prefetch: u16,
@@ -187,9 +190,15 @@ impl<H: Handler> Consumer<H> {
         // safe. They run on this task, not spawned: nothing outlives the channel.
         let requeue_delays = std::sync::Mutex::new(Delays::new());
         let mut in_flight = FuturesUnordered::new();
+        // The queue's depth and its dead letters, for the metrics (the first tick is now).
+        let mut measure = tokio::time::interval(QUEUE_MEASURE_INTERVAL);
+        measure.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let room = in_flight.len() < self.settings.concurrency.max(1);
             tokio::select! {
+                _ = measure.tick() => {
+                    broker.measure_depths(channel, &self.queue).await?;
+                }
                 done = in_flight.next(), if !in_flight.is_empty() => {
                     if let Some(Err(error)) = done {
                         return Err(error);

@@ -1,6 +1,7 @@
 //! Prometheus metrics of one process, served at `/metrics`: HTTP requests (by route, method and
-//! status, and how long they took), messages published, consumed (and how), and how long sagas
-//! take. Outbox backlogs are measured in the database at scrape time.
+//! status, and how long they took), messages published (and how long the broker took to confirm
+//! them), consumed (and how), the depth of consumed queues and their dead-letter queues, and
+//! how long sagas take. Outbox backlogs are measured in the database at scrape time.
 
 use std::sync::Arc;
 
@@ -22,6 +23,11 @@ pub struct ConsumedLabels {
     pub queue: String,
     /// `applied`, `duplicate`, `dead_lettered` or `requeued`.
     pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    pub queue: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +55,9 @@ pub struct Metrics {
     saga_duration: Histogram,
     outbox_backlog: Family<SchemaLabel, Gauge>,
     outbox_oldest_age: Family<SchemaLabel, Gauge<f64, AtomicU64>>,
+    queue_depth: Family<QueueLabel, Gauge>,
+    dead_letters: Family<QueueLabel, Gauge>,
+    ready: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -115,7 +124,28 @@ impl Default for Metrics {
             "From publishing an outbox batch to the broker's last confirm of it",
             relay_publish.clone(),
         );
+        let queue_depth = Family::<QueueLabel, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Messages waiting in a queue this process consumes, as the broker last said (every 10 s)",
+            queue_depth.clone(),
+        );
+        let dead_letters = Family::<QueueLabel, Gauge>::default();
+        registry.register(
+            "dead_letters",
+            "Messages in the dead-letter queue of a queue this process consumes (every 10 s)",
+            dead_letters.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 when the database answers and every relay and consumer is connected (as /health/ready), else 0; measured at scrape time",
+            ready.clone(),
+        );
         Metrics {
+            ready,
+            queue_depth,
+            dead_letters,
             relay_publish,
             http_requests,
             http_duration,
@@ -168,6 +198,21 @@ impl Metrics {
             method: labels.method,
         };
         self.http_duration.get_or_create(&route).observe(seconds);
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// What the broker says of `queue` and its dead-letter queue.
+    pub fn queue_measured(&self, queue: &str, ready: u32, dead_letters: u32) {
+        let label = QueueLabel {
+            queue: queue.to_owned(),
+        };
+        self.queue_depth.get_or_create(&label).set(i64::from(ready));
+        self.dead_letters
+            .get_or_create(&label)
+            .set(i64::from(dead_letters));
     }
 
     pub fn saga_settled(&self, seconds: f64) {

@@ -4,6 +4,7 @@
 mod architecture;
 mod audit;
 mod auth;
+mod deployment;
 mod edge;
 mod events;
 mod faults;
@@ -14,6 +15,7 @@ mod least_privilege;
 mod lifecycle;
 mod metrics;
 mod openapi;
+mod ops_kit;
 mod orders;
 mod outage;
 mod payments;

@@ -1,0 +1,226 @@
+//! What deploys Gozon fits what Gozon is. The image's first stage (dependencies only) has every
+//! workspace member's manifest, or cargo cannot load the workspace. The Kubernetes base holds
+//! together: every file is listed, every Secret and ConfigMap a pod
+//! reads is made by the base (or by an operator it deploys), the gateway runs the compose
+//! gateway's nginx.conf, and each container's arguments and variables are ones `gozon` takes.
+//! (scripts/test-e2e validates the core kinds against Kubernetes' schemas with
+//! kubernetes-validate.)
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use clap::{CommandFactory, Parser};
+use gozon::app::cli::Cli;
+use serde::Deserialize;
+
+fn base() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s/base")
+}
+
+fn documents(file: &Path) -> Vec<serde_yaml::Value> {
+    let text = std::fs::read_to_string(file).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|document| serde_yaml::Value::deserialize(document).unwrap())
+        .filter(|document| !document.is_null())
+        .collect()
+}
+
+fn strings(value: &serde_yaml::Value) -> Vec<String> {
+    value
+        .as_sequence()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|item| item.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every value of `key` anywhere under `value`.
+fn all<'a>(value: &'a serde_yaml::Value, key: &str, out: &mut Vec<&'a serde_yaml::Value>) {
+    match value {
+        serde_yaml::Value::Mapping(map) => {
+            for (k, v) in map {
+                if k.as_str() == Some(key) {
+                    out.push(v);
+                }
+                all(v, key, out);
+            }
+        }
+        serde_yaml::Value::Sequence(items) => items.iter().for_each(|item| all(item, key, out)),
+        _ => {}
+    }
+}
+
+/// The environment variables `gozon serve` reads, and the standard ones it honours.
+fn known_variables() -> BTreeSet<String> {
+    let mut known: BTreeSet<String> = ["RUST_LOG", "OTEL_SERVICE_NAME"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let command = Cli::command();
+    for sub in command.get_subcommands() {
+        for arg in sub.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                known.insert(env.to_string_lossy().into_owned());
+            }
+        }
+    }
+    known
+}
+
+#[test]
+fn the_kubernetes_base_holds_together() {
+    let kustomization = &documents(&base().join("kustomization.yaml"))[0];
+    let resources = strings(&kustomization["resources"]);
+    let listed: BTreeSet<String> = resources.iter().cloned().collect();
+    let on_disk: BTreeSet<String> = std::fs::read_dir(base())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
+        .collect();
+    assert_eq!(listed, on_disk, "every manifest is listed, and only those");
+
+    // What the base makes: generated Secrets and ConfigMaps, declared ones, and the user
+    // secret the RabbitMQ operator makes for each RabbitmqCluster.
+    let mut secrets: BTreeSet<String> = BTreeSet::new();
+    let mut config_maps: BTreeSet<String> = BTreeSet::new();
+    for generated in kustomization["secretGenerator"].as_sequence().unwrap() {
+        secrets.insert(generated["name"].as_str().unwrap().to_owned());
+    }
+    for generated in kustomization["configMapGenerator"].as_sequence().unwrap() {
+        config_maps.insert(generated["name"].as_str().unwrap().to_owned());
+        for file in strings(&generated["files"]) {
+            let (_, path) = file.split_once('=').unwrap_or(("", &file));
+            assert!(base().join(path).exists(), "{path}");
+        }
+    }
+    let mut kinds = BTreeSet::new();
+    let mut pods = Vec::new();
+    let mut config_keys = BTreeSet::new();
+    for file in &resources {
+        for document in documents(&base().join(file)) {
+            let kind = document["kind"].as_str().unwrap().to_owned();
+            let name = document["metadata"]["name"].as_str().unwrap().to_owned();
+            match kind.as_str() {
+                "ConfigMap" => {
+                    for key in document["data"].as_mapping().unwrap().keys() {
+                        config_keys.insert(key.as_str().unwrap().to_owned());
+                    }
+                    config_maps.insert(name.clone());
+                }
+                "Secret" => {
+                    secrets.insert(name.clone());
+                }
+                "RabbitmqCluster" => {
+                    secrets.insert(format!("{name}-default-user"));
+                }
+                "Deployment" => pods.push((name.clone(), document["spec"]["template"].clone())),
+                _ => {}
+            }
+            kinds.insert(kind);
+        }
+    }
+    for needed in [
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "Ingress",
+        "ConfigMap",
+        "RabbitmqCluster",
+        "Cluster",
+    ] {
+        assert!(kinds.contains(needed), "no {needed}");
+    }
+    let known = known_variables();
+    for key in &config_keys {
+        assert!(
+            known.contains(key),
+            "the ConfigMap sets {key}, which gozon does not read"
+        );
+    }
+
+    // Each pod reads only what exists; each gozon container runs a command gozon takes.
+    let make_secrets = std::fs::read_to_string(base().join("../make-secrets")).unwrap();
+    for (deployment, pod) in &pods {
+        let mut refs = Vec::new();
+        all(pod, "secretKeyRef", &mut refs);
+        for reference in refs {
+            let name = reference["name"].as_str().unwrap();
+            let key = reference["key"].as_str().unwrap();
+            assert!(secrets.contains(name), "{deployment}: no secret {name}");
+            let optional = reference["optional"].as_bool() == Some(true);
+            if name == "gozon-secrets" && !optional {
+                assert!(
+                    make_secrets.contains(&format!("{key}=")),
+                    "{deployment}: {key}"
+                );
+            }
+        }
+        let mut refs = Vec::new();
+        all(pod, "configMapRef", &mut refs);
+        all(pod, "configMap", &mut refs);
+        for reference in refs {
+            let name = reference["name"].as_str().unwrap();
+            assert!(
+                config_maps.contains(name),
+                "{deployment}: no config map {name}"
+            );
+        }
+        let containers = pod["spec"]["containers"].as_sequence().unwrap().iter();
+        let inits = pod["spec"]["initContainers"]
+            .as_sequence()
+            .into_iter()
+            .flatten();
+        for container in containers.chain(inits) {
+            if container["image"].as_str() != Some("gozon") || !container["command"].is_null() {
+                continue;
+            }
+            let args: Vec<String> = strings(&container["args"])
+                .into_iter()
+                .map(|arg| arg.replace("$(DB_USER)", "orders_app"))
+                .collect();
+            let parsed = Cli::try_parse_from(std::iter::once("gozon".to_owned()).chain(args));
+            assert!(parsed.is_ok(), "{deployment}: {:?}", parsed.err());
+            for variable in container["env"].as_sequence().into_iter().flatten() {
+                let name = variable["name"].as_str().unwrap();
+                let helper = ["DB_USER", "DB_PASSWORD", "DB_OWNER", "DB_OWNER_PASSWORD"]
+                    .contains(&name)
+                    || name.starts_with("AMQP_") && name != "AMQP_URL";
+                assert!(helper || known.contains(name), "{deployment}: {name}");
+            }
+        }
+    }
+
+    // The gateway serves exactly what the compose gateway does.
+    let compose = std::fs::read_to_string(base().join("../../../gateway/nginx.conf")).unwrap();
+    let kubernetes = std::fs::read_to_string(base().join("gateway/nginx.conf")).unwrap();
+    assert_eq!(
+        compose, kubernetes,
+        "deploy/k8s/base/gateway/nginx.conf is gateway/nginx.conf"
+    );
+}
+
+#[test]
+fn the_image_copies_every_workspace_members_manifest() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    // `members = [".", "migrations", "bench"]`
+    let line = manifest
+        .lines()
+        .find(|line| line.starts_with("members"))
+        .expect("a members line");
+    let list = line.split_once('[').unwrap().1.split(']').next().unwrap();
+    let members: Vec<&str> = list
+        .split(',')
+        .map(|m| m.trim().trim_matches('"'))
+        .collect();
+    assert!(members.contains(&"migrations"), "{members:?}");
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    for member in members.into_iter().filter(|m| !m.is_empty() && *m != ".") {
+        let copy = format!("COPY {member}/Cargo.toml {member}/Cargo.toml");
+        assert!(dockerfile.contains(&copy), "the Dockerfile lacks `{copy}`");
+    }
+}
