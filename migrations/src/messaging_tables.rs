@@ -32,6 +32,8 @@ pub fn outbox_trace_context(schema: &str) -> String {
     format!(
         r#"
 -- The W3C trace context of the span that wrote the row, so the message continues its trace.
+-- The ALTER waits for the table's lock, and outbox writes queue behind it: not for long.
+SET LOCAL lock_timeout = '5s';
 ALTER TABLE {schema}.outbox ADD COLUMN traceparent TEXT NULL;
 "#
     )

@@ -70,9 +70,12 @@ pub async fn migrate(
     role: Role,
     db_roles: &[(&BoundedContext, Option<&str>)],
 ) -> anyhow::Result<()> {
-    // Migrating is this command's purpose, whatever GOZON_SKIP_MIGRATIONS says for serving.
+    // Migrating is this command's purpose, whatever GOZON_SKIP_MIGRATIONS says for serving;
+    // it needs a connection or two, not the serving pool.
     let settings = Settings {
         skip_migrations: false,
+        db_max_connections: 2,
+        db_min_connections: Some(1),
         ..settings.clone()
     };
     let db = connect_and_migrate(&settings, role).await?;

@@ -202,18 +202,24 @@ async fn in_request_span<E: Endpoint>(
         .data::<ReqId>()
         .map(|id| id.to_string())
         .unwrap_or_default();
-    let span = tracing::info_span!(
-        "request",
-        %request_id,
-        otel.name = Empty,
-        otel.kind = Empty,
-        http.request.method = Empty,
-        http.route = Empty,
-        http.response.status_code = Empty,
-    );
-    let exporting = telemetry::exporting();
+    let route = route_template(request.uri().path(), allowed);
+    // Probes and scrapes: a span at debug, which the logs name but traces leave out.
+    let operational = route.starts_with("/health") || route == "/metrics";
+    let span = if operational {
+        tracing::debug_span!("request", %request_id)
+    } else {
+        tracing::info_span!(
+            "request",
+            %request_id,
+            otel.name = Empty,
+            otel.kind = Empty,
+            http.request.method = Empty,
+            http.route = Empty,
+            http.response.status_code = Empty,
+        )
+    };
+    let exporting = telemetry::exporting() && !operational;
     if exporting {
-        let route = route_template(request.uri().path(), allowed);
         span.record("otel.name", format!("{} {route}", request.method()));
         span.record("otel.kind", "server");
         span.record("http.request.method", request.method().as_str());
@@ -293,21 +299,26 @@ async fn readiness(observed: &Observed) -> Result<(), String> {
     Ok(())
 }
 
+/// How long a scrape waits for each database look.
+const SCRAPE_LOOK: Duration = Duration::from_secs(2);
+
 /// Prometheus text format. Readiness and outbox backlogs are measured now; if the database
 /// cannot be read the backlogs keep their last value.
 #[handler]
 async fn metrics(observed: poem::web::Data<&Observed>) -> Response {
-    observed
-        .metrics
-        .set_ready(readiness(&observed).await.is_ok());
+    // Each database look bounded, so a scrape answers within Prometheus's timeout even while
+    // the database does not: readiness then reads 0, the backlogs keep their last values.
+    let now = tokio::time::timeout(SCRAPE_LOOK, readiness(&observed)).await;
+    observed.metrics.set_ready(matches!(now, Ok(Ok(()))));
     for schema in &observed.schemas {
-        match outbox::backlog(&observed.db, schema).await {
-            Ok(backlog) => {
+        match tokio::time::timeout(SCRAPE_LOOK, outbox::backlog(&observed.db, schema)).await {
+            Ok(Ok(backlog)) => {
                 observed
                     .metrics
                     .outbox_backlog(schema, backlog.unsent, backlog.oldest_age_secs)
             }
-            Err(error) => tracing::warn!(schema, %error, "cannot measure the outbox backlog"),
+            Ok(Err(error)) => tracing::warn!(schema, %error, "cannot measure the outbox backlog"),
+            Err(_) => tracing::warn!(schema, "measuring the outbox backlog took too long"),
         }
     }
     match observed.metrics.encode() {

@@ -9,38 +9,58 @@
 //! (Not a crate: the dataloader crates batch by yielding a number of times or for a delay before
 //! each load, which slows every lone request, and cache answers, which a read must not.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-/// The batch could not be loaded: the caller looks its key up alone, to get its own error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchFailed;
+/// Why a lookup has no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failed<E> {
+    /// The batch's query failed; every caller in it gets the same error.
+    Load(E),
+    /// The query took longer than the coalescer allows (a hung connection, say): given up, and
+    /// the lane free again.
+    TimedOut,
+    /// The query panicked, or the coalescer is gone (shutting down).
+    Gone,
+}
 
-struct Ask<K, V> {
+type Answer<V, E> = Result<Option<V>, Failed<E>>;
+
+struct Ask<K, V, E> {
     key: K,
-    answer: oneshot::Sender<Result<Option<V>, BatchFailed>>,
+    answer: oneshot::Sender<Answer<V, E>>,
 }
 
-type Asks<K, V> = mpsc::Receiver<Ask<K, V>>;
-
-/// Loads values by key, coalescing concurrent requests into batches.
-pub struct Coalescer<K, V, L> {
-    lanes: usize,
-    max_batch: usize,
-    load: Arc<L>,
-    /// Made, and the lanes started, on first use: a coalescer can be built outside a runtime.
-    queue: OnceLock<mpsc::Sender<Ask<K, V>>>,
-}
+type Asks<K, V, E> = mpsc::Receiver<Ask<K, V, E>>;
 
 /// What a coalescer calls with a batch of distinct keys: the values found, by key (a key not
 /// among them has no value).
 pub trait BatchLoad<K, V>: Send + Sync + 'static {
-    type Error: std::fmt::Display;
+    /// Handed to every caller of a failed batch.
+    type Error: Clone + Send + 'static;
     fn load(&self, keys: Vec<K>) -> impl Future<Output = Result<Vec<(K, V)>, Self::Error>> + Send;
+}
+
+/// How a coalescer runs: `lanes` queries at most at once, each for at most `max_batch` keys and
+/// for at most `timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct Lanes {
+    pub lanes: usize,
+    pub max_batch: usize,
+    pub timeout: Duration,
+}
+
+/// Loads values by key, coalescing concurrent requests into batches.
+pub struct Coalescer<K, V, L: BatchLoad<K, V>> {
+    lanes: Lanes,
+    load: Arc<L>,
+    /// Made, and the lanes started, on first use: a coalescer can be built outside a runtime.
+    queue: OnceLock<mpsc::Sender<Ask<K, V, L::Error>>>,
 }
 
 impl<K, V, L> Coalescer<K, V, L>
@@ -49,34 +69,38 @@ where
     V: Clone + Send + 'static,
     L: BatchLoad<K, V>,
 {
-    /// `lanes` queries at most at once, each for at most `max_batch` keys.
-    pub fn new(load: L, lanes: usize, max_batch: usize) -> Self {
+    pub fn new(load: L, lanes: Lanes) -> Self {
         Coalescer {
-            lanes: lanes.max(1),
-            max_batch: max_batch.max(1),
+            lanes: Lanes {
+                lanes: lanes.lanes.max(1),
+                max_batch: lanes.max_batch.max(1),
+                timeout: lanes.timeout,
+            },
             load: Arc::new(load),
             queue: OnceLock::new(),
         }
     }
 
     /// The value of `key`, if there is one.
-    pub async fn get(&self, key: K) -> Result<Option<V>, BatchFailed> {
+    pub async fn get(&self, key: K) -> Answer<V, L::Error> {
         let (answer, answered) = oneshot::channel();
         self.queue()
             .send(Ask { key, answer })
             .await
-            .map_err(|_| BatchFailed)?;
-        answered.await.unwrap_or(Err(BatchFailed))
+            .map_err(|_| Failed::Gone)?;
+        answered.await.unwrap_or(Err(Failed::Gone))
     }
 
-    fn queue(&self) -> &mpsc::Sender<Ask<K, V>> {
+    fn queue(&self) -> &mpsc::Sender<Ask<K, V, L::Error>> {
         self.queue.get_or_init(|| {
+            let Lanes {
+                lanes, max_batch, ..
+            } = self.lanes;
             // Bounded: when the lanes fall behind, callers wait here instead of piling up.
-            let (queue, asks) = mpsc::channel(self.lanes * self.max_batch);
+            let (queue, asks) = mpsc::channel(lanes * max_batch);
             let asks = Arc::new(Mutex::new(asks));
-            for _ in 0..self.lanes {
-                let (asks, load, max) = (asks.clone(), self.load.clone(), self.max_batch);
-                tokio::spawn(lane(asks, load, max));
+            for _ in 0..lanes {
+                tokio::spawn(lane(asks.clone(), self.load.clone(), self.lanes));
             }
             queue
         })
@@ -85,20 +109,20 @@ where
 
 /// One lane: take what is waiting (at least one request), load it, answer, again. Ends when
 /// the coalescer is dropped.
-async fn lane<K, V, L>(asks: Arc<Mutex<Asks<K, V>>>, load: Arc<L>, max_batch: usize)
+async fn lane<K, V, L>(asks: Arc<Mutex<Asks<K, V, L::Error>>>, load: Arc<L>, lanes: Lanes)
 where
     K: Eq + Hash + Clone + Send + 'static,
     V: Clone + Send + 'static,
     L: BatchLoad<K, V>,
 {
     loop {
-        let batch = {
+        let mut batch = {
             let mut asks = asks.lock().await;
             let Some(first) = asks.recv().await else {
                 return;
             };
             let mut batch = vec![first];
-            while batch.len() < max_batch {
+            while batch.len() < lanes.max_batch {
                 match asks.try_recv() {
                     Ok(ask) => batch.push(ask),
                     Err(_) => break,
@@ -106,22 +130,58 @@ where
             }
             batch
         };
-        let mut keys: Vec<K> = batch.iter().map(|ask| ask.key.clone()).collect();
-        let mut seen = std::collections::HashSet::with_capacity(keys.len());
-        keys.retain(|key| seen.insert(key.clone()));
-        match load.load(keys).await {
+        // A caller that gave up (its request timed out or its client left) needs no answer.
+        batch.retain(|ask| !ask.answer.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let mut seen = HashSet::with_capacity(batch.len());
+        let keys: Vec<K> = batch
+            .iter()
+            .map(|ask| ask.key.clone())
+            .filter(|key| seen.insert(key.clone()))
+            .collect();
+        let outcome = load_within(&load, keys, lanes.timeout).await;
+        match outcome {
             Ok(found) => {
                 let found: HashMap<K, V> = found.into_iter().collect();
                 for ask in batch {
                     let _ = ask.answer.send(Ok(found.get(&ask.key).cloned()));
                 }
             }
-            Err(error) => {
-                tracing::debug!(%error, keys = batch.len(), "a coalesced lookup failed; each asks alone");
+            Err(failed) => {
                 for ask in batch {
-                    let _ = ask.answer.send(Err(BatchFailed));
+                    let _ = ask.answer.send(Err(failed.clone()));
                 }
             }
+        }
+    }
+}
+
+/// Runs one load in a task of its own (a panic fails the batch, not the lane), for at most
+/// `timeout` (then it is aborted).
+async fn load_within<K, V, L>(
+    load: &Arc<L>,
+    keys: Vec<K>,
+    timeout: Duration,
+) -> Result<Vec<(K, V)>, Failed<L::Error>>
+where
+    K: Send + 'static,
+    V: Send + 'static,
+    L: BatchLoad<K, V>,
+{
+    let load = load.clone();
+    let mut task = tokio::spawn(async move { load.load(keys).await });
+    match tokio::time::timeout(timeout, &mut task).await {
+        Ok(Ok(loaded)) => loaded.map_err(Failed::Load),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "a coalesced lookup panicked");
+            Err(Failed::Gone)
+        }
+        Err(_) => {
+            task.abort();
+            tracing::warn!(?timeout, "a coalesced lookup timed out");
+            Err(Failed::TimedOut)
         }
     }
 }
@@ -149,6 +209,12 @@ mod tests {
             if self.fail {
                 return Err("down");
             }
+            if keys.contains(&13) {
+                panic!("unlucky");
+            }
+            if keys.contains(&99) {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
             Ok(keys
                 .into_iter()
                 .filter(|k| k % 2 == 0)
@@ -157,18 +223,36 @@ mod tests {
         }
     }
 
+    fn lanes(lanes: usize, max_batch: usize) -> Lanes {
+        Lanes {
+            lanes,
+            max_batch,
+            timeout: Duration::from_millis(500),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_or_hanging_batch_fails_its_callers_and_the_lane_goes_on() {
+        let squares = Arc::new(Squares::default());
+        let coalescer = Coalescer::new(squares.clone(), lanes(1, 64));
+        assert_eq!(coalescer.get(13).await, Err(Failed::Gone));
+        assert_eq!(coalescer.get(99).await, Err(Failed::TimedOut));
+        // The one lane still answers.
+        assert_eq!(coalescer.get(4).await, Ok(Some(16)));
+    }
+
     #[tokio::test]
     async fn concurrent_lookups_share_queries_and_each_gets_its_own_answer() {
         let squares = Arc::new(Squares::default());
-        let coalescer = Arc::new(Coalescer::new(squares.clone(), 2, 64));
+        let coalescer = Arc::new(Coalescer::new(squares.clone(), lanes(2, 64)));
         let mut tasks = tokio::task::JoinSet::new();
         for key in 0..200u64 {
             let coalescer = coalescer.clone();
-            tasks.spawn(async move { (key, coalescer.get(key % 50).await) });
+            tasks.spawn(async move { (key, coalescer.get(key % 50 + 100).await) });
         }
         while let Some(done) = tasks.join_next().await {
             let (key, answer) = done.expect("task");
-            let key = key % 50;
+            let key = key % 50 + 100;
             let expected = (key % 2 == 0).then_some(key * key);
             assert_eq!(answer, Ok(expected), "key {key}");
         }
@@ -182,7 +266,7 @@ mod tests {
     #[tokio::test]
     async fn a_lone_lookup_is_loaded_at_once() {
         let squares = Arc::new(Squares::default());
-        let coalescer = Coalescer::new(squares.clone(), 1, 64);
+        let coalescer = Coalescer::new(squares.clone(), lanes(1, 64));
         let started = std::time::Instant::now();
         assert_eq!(coalescer.get(4).await, Ok(Some(16)));
         assert_eq!(coalescer.get(3).await, Ok(None));
@@ -197,13 +281,13 @@ mod tests {
             fail: true,
             ..Squares::default()
         });
-        let coalescer = Arc::new(Coalescer::new(squares, 1, 8));
+        let coalescer = Arc::new(Coalescer::new(squares, lanes(1, 8)));
         let lookups = (0..20u64).map(|key| {
             let coalescer = coalescer.clone();
             async move { coalescer.get(key).await }
         });
         for answer in futures_util::future::join_all(lookups).await {
-            assert_eq!(answer, Err(BatchFailed));
+            assert_eq!(answer, Err(Failed::Load("down")));
         }
     }
 }

@@ -143,7 +143,11 @@ impl<H: Handler> Consumer<H> {
         while let Some((connection, channel)) =
             connect_until_ready(&self.broker, &task, false, &shutdown).await
         {
+            let measuring = self.measure_queue(&connection).await;
             let result = self.consume(&channel, &queue_name, &task, &shutdown).await;
+            if let Some(measuring) = measuring {
+                measuring.abort();
+            }
             let reason = if result.is_ok() {
                 "shutting down"
             } else {
@@ -163,6 +167,38 @@ impl<H: Handler> Consumer<H> {
             }
         }
         tracing::info!(task = %task, "consumer stopped");
+    }
+
+    /// Reports the queue's depth and its dead letters to the metrics every
+    /// [`QUEUE_MEASURE_INTERVAL`], on a channel of its own: a slow or failed measure never holds
+    /// up deliveries or closes the consuming channel. It stops at the first failure, until the
+    /// consumer reconnects.
+    async fn measure_queue(
+        &self,
+        connection: &lapin::Connection,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let channel = match self.broker.timed(connection.create_channel()).await {
+            Ok(channel) => channel,
+            Err(error) => {
+                tracing::debug!(%error, "cannot open a channel to measure the queue");
+                return None;
+            }
+        };
+        let (broker, queue) = (self.broker.clone(), self.queue);
+        Some(tokio::spawn(async move {
+            let mut every = tokio::time::interval(QUEUE_MEASURE_INTERVAL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if let Err(error) = broker.measure_depths(&channel, &queue).await {
+                    tracing::debug!(%error, queue = queue.suffix, "cannot measure the queue");
+                    break;
+                }
+            }
+            let _ = broker
+                .timed(channel.close(200, "done measuring".into()))
+                .await;
+        }))
     }
 
     async fn consume(
@@ -190,15 +226,9 @@ impl<H: Handler> Consumer<H> {
         // safe. They run on this task, not spawned: nothing outlives the channel.
         let requeue_delays = std::sync::Mutex::new(Delays::new());
         let mut in_flight = FuturesUnordered::new();
-        // The queue's depth and its dead letters, for the metrics (the first tick is now).
-        let mut measure = tokio::time::interval(QUEUE_MEASURE_INTERVAL);
-        measure.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let room = in_flight.len() < self.settings.concurrency.max(1);
             tokio::select! {
-                _ = measure.tick() => {
-                    broker.measure_depths(channel, &self.queue).await?;
-                }
                 done = in_flight.next(), if !in_flight.is_empty() => {
                     if let Some(Err(error)) = done {
                         return Err(error);

@@ -159,9 +159,12 @@ impl Relay {
         for row in rows {
             let payload = serde_json::to_vec(&row.body)
                 .map_err(|e| DbErr::Custom(format!("outbox body: {e}")))?;
+            // This process not exporting: the writer's context is passed on unchanged.
             let traceparent = row.traceparent.as_deref().map(|traceparent| {
+                if !telemetry::exporting() {
+                    return traceparent.to_owned();
+                }
                 let span = publish_span(row, &exchange, traceparent);
-                // Not exporting here: pass the writer's context on unchanged.
                 let own = telemetry::traceparent_of(&span);
                 spans.push(span);
                 own.unwrap_or_else(|| traceparent.to_owned())

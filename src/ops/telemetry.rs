@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -30,9 +31,15 @@ pub enum LogFormat {
 /// The filter when `RUST_LOG` is unset: our own info, and sqlx only when something is wrong
 /// (it logs every statement at info). lapin is silenced: its own recovery loop reports every
 /// failed attempt at ERROR (dozens a second with a wrong password), while Gozon's tasks report
-/// a lost or refused broker once, then retry with backoff quietly. The OpenTelemetry crates
-/// report their own export failures at debug; ours say it once at warn.
-const DEFAULT_FILTER: &str = "info,sqlx=warn,lapin=off,amq_protocol=off,poem=info,opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn";
+/// a lost or refused broker once, then retry with backoff quietly. This filters the logs only:
+/// which spans are exported does not depend on it (`RUST_LOG=warn` keeps the traces).
+const DEFAULT_FILTER: &str = "info,sqlx=warn,lapin=off,amq_protocol=off,poem=info";
+
+/// The spans exported: Gozon's own, from info (requests, messages, publishes); the debug
+/// spans of health checks and scrapes stay out of the traces.
+fn exported_spans() -> tracing_subscriber::filter::Targets {
+    tracing_subscriber::filter::Targets::new().with_target("gozon", tracing::Level::INFO)
+}
 
 /// The header (and AMQP header, and outbox column) that carries a span's context.
 pub const TRACEPARENT: &str = "traceparent";
@@ -49,10 +56,6 @@ pub struct Tracing {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    #[error(
-        "the OTLP endpoint {0:?} must be an http:// URL (an OpenTelemetry collector's OTLP/HTTP port)"
-    )]
-    Endpoint(String),
     #[error("cannot build the OTLP exporter: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
 }
@@ -89,34 +92,42 @@ pub fn init(format: LogFormat, tracing: Option<&Tracing>) -> Result<Telemetry, T
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let logs = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_filter(filter).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
+            .with_filter(filter)
             .boxed(),
     };
-    let provider = tracing.map(tracer_provider).transpose()?.flatten();
+    let (provider, endpoint) = match tracing.map(tracer_provider).transpose()?.flatten() {
+        Some((provider, endpoint)) => (Some(provider), Some(endpoint)),
+        None => (None, None),
+    };
     let spans = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("gozon"))
+            .with_filter(exported_spans())
             .boxed()
     });
     let layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> =
         std::iter::once(logs).chain(spans).collect();
     let installed = tracing_subscriber::registry()
         .with(layers)
-        .with(filter)
         .try_init()
         .is_ok();
-    if installed && provider.is_some() {
+    if installed && let Some(endpoint) = endpoint {
         EXPORTING.store(true, Ordering::Relaxed);
+        tracing::info!(endpoint, "exporting traces over OTLP/HTTP");
     }
     Ok(Telemetry { provider })
 }
 
-/// The provider exporting to the configured endpoint; None when tracing is off (no endpoint,
-/// `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`).
-fn tracer_provider(tracing: &Tracing) -> Result<Option<SdkTracerProvider>, TelemetryError> {
+/// The provider exporting to the configured endpoint, and the endpoint; None when tracing is
+/// off (no endpoint, `OTEL_SDK_DISABLED=true`, `OTEL_TRACES_EXPORTER=none`, or an endpoint this
+/// exporter cannot reach: tracing is optional, so that is said and the process goes on).
+fn tracer_provider(
+    tracing: &Tracing,
+) -> Result<Option<(SdkTracerProvider, String)>, TelemetryError> {
     let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
     let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
         || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
@@ -134,7 +145,12 @@ fn tracer_provider(tracing: &Tracing) -> Result<Option<SdkTracerProvider>, Telem
         return Ok(None);
     }
     if !endpoint.starts_with("http://") {
-        return Err(TelemetryError::Endpoint(endpoint));
+        // Before the subscriber exists: straight to standard error.
+        eprintln!(
+            "gozon: not exporting traces: the OTLP endpoint {endpoint:?} must be an http:// URL \
+             (an OpenTelemetry collector's OTLP/HTTP port, or a sidecar's)"
+        );
+        return Ok(None);
     }
     let client = OnRuntime {
         client: opentelemetry_http::hyper::HyperClient::with_default_connector(
@@ -142,6 +158,7 @@ fn tracer_provider(tracing: &Tracing) -> Result<Option<SdkTracerProvider>, Telem
             None,
         ),
         runtime: tokio::runtime::Handle::current(),
+        failing: Arc::new(AtomicBool::new(false)),
     };
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
@@ -156,16 +173,30 @@ fn tracer_provider(tracing: &Tracing) -> Result<Option<SdkTracerProvider>, Telem
         .with_batch_exporter(exporter)
         .with_resource(resource.build())
         .build();
-    tracing::info!(endpoint, "exporting traces over OTLP/HTTP");
-    Ok(Some(provider))
+    Ok(Some((provider, endpoint)))
 }
 
 /// The batch exporter sends from a thread of its own, outside any runtime; hyper needs Tokio's
 /// reactor. This client hands each request to the application's runtime and waits for it there.
+/// It also says when exports start failing (once, not per batch) and when they work again.
 #[derive(Debug)]
 struct OnRuntime {
     client: opentelemetry_http::hyper::HyperClient,
     runtime: tokio::runtime::Handle,
+    failing: Arc<AtomicBool>,
+}
+
+/// Logs the first failure of a streak and the recovery after it.
+fn note_export(failing: &AtomicBool, failure: Option<String>) {
+    match failure {
+        Some(error) if !failing.swap(true, Ordering::Relaxed) => {
+            tracing::warn!(%error, "cannot export traces; spans are dropped until the collector answers");
+        }
+        None if failing.swap(false, Ordering::Relaxed) => {
+            tracing::info!("exporting traces again");
+        }
+        _ => {}
+    }
 }
 
 impl HttpClient for OnRuntime {
@@ -177,11 +208,20 @@ impl HttpClient for OnRuntime {
         'life0: 'async_trait,
         Self: 'async_trait,
     {
-        let client = self.client.clone();
+        let (client, failing) = (self.client.clone(), self.failing.clone());
         let sent = self
             .runtime
             .spawn(async move { client.send_bytes(request).await });
-        Box::pin(async move { sent.await.map_err(|error| Box::new(error) as HttpError)? })
+        Box::pin(async move {
+            let answer = sent.await.map_err(|error| Box::new(error) as HttpError)?;
+            let failure = match &answer {
+                Ok(response) if response.status().is_success() => None,
+                Ok(response) => Some(format!("the collector answered {}", response.status())),
+                Err(error) => Some(error.to_string()),
+            };
+            note_export(&failing, failure);
+            answer
+        })
     }
 }
 

@@ -12,7 +12,7 @@ use sea_orm::{DatabaseConnection, DatabaseTransaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::kernel::coalesce::{BatchFailed, BatchLoad, Coalescer};
+use crate::kernel::coalesce::{BatchLoad, Coalescer, Failed, Lanes};
 use crate::kernel::user_id::UserId;
 use crate::orders::domain::{CancelReason, Order, OrderCursor, OrderId, OrderStatus};
 use crate::orders::events::{self, FollowError, OrderEvents};
@@ -55,7 +55,7 @@ impl OrdersApi {
         shutdown: CancellationToken,
     ) -> OrdersApi {
         OrdersApi {
-            reads: Coalescer::new(OrderReads(db.clone()), READ_LANES, READ_BATCH),
+            reads: Coalescer::new(OrderReads(db.clone()), READS),
             db,
             max_new_orders,
             relay_wake,
@@ -76,17 +76,21 @@ impl OrdersApi {
     }
 }
 
-/// SELECTs for GET order at once, and ids in each: with the pool's 16 connections, reads
-/// leave room for the saga, and 32 concurrent readers share 4 queries of about 8 ids.
-const READ_LANES: usize = 4;
-const READ_BATCH: usize = 64;
+/// GET order's SELECTs: 4 at once (with the pool's 16 connections, reads leave room for the
+/// saga; 32 concurrent readers share 4 queries of about 8 ids), at most 64 ids each, each given
+/// 10 s (a hung connection must not hold a lane for ever).
+const READS: Lanes = Lanes {
+    lanes: 4,
+    max_batch: 64,
+    timeout: std::time::Duration::from_secs(10),
+};
 
 /// Loads the orders a batch of GETs asks for.
 struct OrderReads(DatabaseConnection);
 
 impl BatchLoad<OrderId, Order> for OrderReads {
-    type Error = sea_orm::DbErr;
-    async fn load(&self, ids: Vec<OrderId>) -> Result<Vec<(OrderId, Order)>, sea_orm::DbErr> {
+    type Error = ApiError;
+    async fn load(&self, ids: Vec<OrderId>) -> Result<Vec<(OrderId, Order)>, ApiError> {
         let orders = store::find_orders(&self.0, &ids).await?;
         Ok(orders.into_iter().map(|order| (order.id, order)).collect())
     }
@@ -220,7 +224,7 @@ statuses!(GetOrder:
     401 => UNAUTHORIZED_DOC,
     404 => "No order has this id, or none the token's user may see (`order_not_found`).",
     500 => INTERNAL_DOC,
-    503 => "The database is unreachable; retry later.",
+    503 => "The database is unreachable, or did not answer in time; retry later.",
 );
 
 statuses!(ListOrders:
@@ -420,11 +424,14 @@ impl OrdersApi {
     ) -> Reply<Json<OrderBody>, GetOrder> {
         let find = async {
             let id = OrderId::parse(&id).map_err(|error| invalid("invalid_order_id", error))?;
-            let order = match self.reads.get(id).await {
-                Ok(order) => order,
-                // Alone, to answer with this read's own error.
-                Err(BatchFailed) => store::find_order(&self.db, id).await?,
-            };
+            let order = self.reads.get(id).await.map_err(|failed| match failed {
+                Failed::Load(error) => error,
+                Failed::TimedOut | Failed::Gone => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service_unavailable",
+                    "the order could not be read in time; try again shortly",
+                ),
+            })?;
             // Someone else's order is answered as if it did not exist.
             let order = order.filter(|order| caller.may_read(&order.user_id));
             order.ok_or_else(|| ApiError::from(OrdersError::OrderNotFound))

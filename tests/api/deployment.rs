@@ -224,3 +224,28 @@ fn the_image_copies_every_workspace_members_manifest() {
         assert!(dockerfile.contains(&copy), "the Dockerfile lacks `{copy}`");
     }
 }
+
+#[test]
+fn the_monitoring_component_carries_the_alert_rules() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rules = &documents(&root.join("deploy/prometheus/alerts.yml"))[0];
+    let component = root.join("deploy/k8s/components/monitoring");
+    let rule = &documents(&component.join("prometheusrule.yaml"))[0];
+    assert_eq!(rule["kind"], "PrometheusRule");
+    assert_eq!(
+        rule["spec"]["groups"], rules["groups"],
+        "prometheusrule.yaml is alerts.yml"
+    );
+    let kustomization = &documents(&component.join("kustomization.yaml"))[0];
+    assert_eq!(kustomization["kind"], "Component");
+    for file in strings(&kustomization["resources"]) {
+        assert!(component.join(&file).exists(), "{file}");
+    }
+    // The PodMonitor scrapes the port the roles name.
+    let monitor = &documents(&component.join("podmonitor.yaml"))[0];
+    let port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+        .as_str()
+        .unwrap();
+    let orders = std::fs::read_to_string(base().join("orders.yaml")).unwrap();
+    assert!(orders.contains(&format!("- name: {port}")), "port {port}");
+}

@@ -11,6 +11,8 @@ impl MigrationTrait for Migration {
             .execute_unprepared(
                 r#"
 -- The W3C trace context of the span that wrote the row, so the message continues its trace.
+-- The ALTER waits for the table's lock, and outbox writes queue behind it: not for long.
+SET LOCAL lock_timeout = '5s';
 ALTER TABLE payments.outbox ADD COLUMN traceparent TEXT NULL;
 "#,
             )
