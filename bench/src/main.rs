@@ -56,6 +56,10 @@ pub struct Args {
     /// Raise the rate step by step until the saga's p99 passes 100 ms or a backlog is left.
     #[arg(long)]
     pub find_max: bool,
+    /// Fixed rates to measure first, each for --duration (e.g. `--rates 100,300`), so one run
+    /// reports them beside --find-max's highest sustainable rate.
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<f64>,
     /// The highest rate --find-max tries.
     #[arg(long, default_value_t = 2000.0)]
     pub max_rate: f64,
@@ -97,11 +101,22 @@ async fn main() -> anyhow::Result<()> {
         .pool_max_idle_per_host(args.concurrency.max(64))
         .build()?;
     let run = load::Run::new(&args, &client, &db).await?;
-    let steps = if args.find_max {
-        load::find_max(&args, &run).await?
-    } else {
-        vec![run.step(&args, args.rate).await?]
-    };
+    let mut steps = Vec::new();
+    for &rate in &args.rates {
+        let step = run.step(&args, rate).await?;
+        println!(
+            "rate {rate:>7.0}/s: saga p50 {:.1} ms, p99 {:.1} ms",
+            step.saga.value_at_quantile(0.5) as f64 / 1000.0,
+            step.saga.value_at_quantile(0.99) as f64 / 1000.0
+        );
+        steps.push(step);
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+    if args.find_max {
+        steps.extend(load::find_max(&args, &run).await?);
+    } else if args.rates.is_empty() {
+        steps.push(run.step(&args, args.rate).await?);
+    }
     let reads = load::reads(&args, &run).await?;
     let limits = if args.skip_pgbench {
         None
