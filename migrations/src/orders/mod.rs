@@ -6,7 +6,6 @@ mod m20261125_000001_create_orders;
 mod m20261125_000002_create_idempotency_keys;
 mod m20261125_000003_index_new_orders_by_user;
 mod m20261125_000004_order_lifecycle;
-mod m20261201_000001_outbox_trace_context;
 
 pub struct Migrator;
 
@@ -18,7 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000002_create_idempotency_keys::Migration),
             Box::new(m20261125_000003_index_new_orders_by_user::Migration),
             Box::new(m20261125_000004_order_lifecycle::Migration),
-            Box::new(m20261201_000001_outbox_trace_context::Migration),
+            Box::new(crate::messaging_tables::OutboxTraceContext { schema: "orders" }),
         ]
     }
 

@@ -5,7 +5,6 @@ use sea_orm_migration::prelude::*;
 mod m20261125_000001_create_accounts;
 mod m20261125_000002_create_idempotency_keys;
 mod m20261125_000003_create_refunds;
-mod m20261201_000001_outbox_trace_context;
 
 pub struct Migrator;
 
@@ -16,7 +15,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261125_000001_create_accounts::Migration),
             Box::new(m20261125_000002_create_idempotency_keys::Migration),
             Box::new(m20261125_000003_create_refunds::Migration),
-            Box::new(m20261201_000001_outbox_trace_context::Migration),
+            Box::new(crate::messaging_tables::OutboxTraceContext { schema: "payments" }),
         ]
     }
 
