@@ -55,6 +55,17 @@ pub struct Lanes {
     pub timeout: Duration,
 }
 
+impl Lanes {
+    /// For the GETs: 4 queries at once (with a pool of 16 connections, reads leave room for the
+    /// saga; 32 concurrent readers share 4 queries of about 8 keys), at most 64 keys each, each
+    /// given 10 s (a hung connection must not hold a lane for ever).
+    pub const READS: Lanes = Lanes {
+        lanes: 4,
+        max_batch: 64,
+        timeout: Duration::from_secs(10),
+    };
+}
+
 /// Loads values by key, coalescing concurrent requests into batches.
 pub struct Coalescer<K, V, L: BatchLoad<K, V>> {
     lanes: Lanes,

@@ -12,7 +12,7 @@ use sea_orm::{DatabaseConnection, DatabaseTransaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::kernel::coalesce::{BatchLoad, Coalescer, Failed, Lanes};
+use crate::kernel::coalesce::{BatchLoad, Coalescer, Lanes};
 use crate::kernel::user_id::UserId;
 use crate::orders::domain::{CancelReason, Order, OrderCursor, OrderId, OrderStatus};
 use crate::orders::events::{self, FollowError, OrderEvents};
@@ -55,7 +55,7 @@ impl OrdersApi {
         shutdown: CancellationToken,
     ) -> OrdersApi {
         OrdersApi {
-            reads: Coalescer::new(OrderReads(db.clone()), READS),
+            reads: Coalescer::new(OrderReads(db.clone()), Lanes::READS),
             db,
             max_new_orders,
             relay_wake,
@@ -75,15 +75,6 @@ impl OrdersApi {
         )
     }
 }
-
-/// GET order's SELECTs: 4 at once (with the pool's 16 connections, reads leave room for the
-/// saga; 32 concurrent readers share 4 queries of about 8 ids), at most 64 ids each, each given
-/// 10 s (a hung connection must not hold a lane for ever).
-const READS: Lanes = Lanes {
-    lanes: 4,
-    max_batch: 64,
-    timeout: std::time::Duration::from_secs(10),
-};
 
 /// Loads the orders a batch of GETs asks for.
 struct OrderReads(DatabaseConnection);
@@ -424,14 +415,7 @@ impl OrdersApi {
     ) -> Reply<Json<OrderBody>, GetOrder> {
         let find = async {
             let id = OrderId::parse(&id).map_err(|error| invalid("invalid_order_id", error))?;
-            let order = self.reads.get(id).await.map_err(|failed| match failed {
-                Failed::Load(error) => error,
-                Failed::TimedOut | Failed::Gone => ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "service_unavailable",
-                    "the order could not be read in time; try again shortly",
-                ),
-            })?;
+            let order = self.reads.get(id).await?;
             // Someone else's order is answered as if it did not exist.
             let order = order.filter(|order| caller.may_read(&order.user_id));
             order.ok_or_else(|| ApiError::from(OrdersError::OrderNotFound))

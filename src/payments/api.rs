@@ -6,6 +6,8 @@ use poem_openapi::payload::Json;
 use poem_openapi::{Enum, Object, OpenApi, Tags};
 use sea_orm::{DatabaseConnection, DatabaseTransaction};
 
+use crate::kernel::coalesce::{BatchLoad, Coalescer, Lanes};
+use crate::kernel::user_id::UserId;
 use crate::payments::domain::{Account, EntryKind, LedgerEntry};
 use crate::payments::{PaymentsError, SCHEMA, store};
 use crate::statuses;
@@ -25,18 +27,35 @@ enum Tag {
 
 pub struct PaymentsApi {
     db: DatabaseConnection,
+    /// GET balance: concurrent reads share one SELECT.
+    balances: Coalescer<UserId, Account, AccountReads>,
 }
 
 impl PaymentsApi {
     pub fn new(db: DatabaseConnection) -> PaymentsApi {
-        PaymentsApi { db }
+        PaymentsApi {
+            balances: Coalescer::new(AccountReads(db.clone()), Lanes::READS),
+            db,
+        }
     }
 
     /// An instance that can describe the API but not serve it (for `gozon openapi`).
     pub fn spec_only() -> PaymentsApi {
-        PaymentsApi {
-            db: DatabaseConnection::default(),
-        }
+        PaymentsApi::new(DatabaseConnection::default())
+    }
+}
+
+/// Loads the accounts a batch of GETs asks for.
+struct AccountReads(DatabaseConnection);
+
+impl BatchLoad<UserId, Account> for AccountReads {
+    type Error = ApiError;
+    async fn load(&self, users: Vec<UserId>) -> Result<Vec<(UserId, Account)>, ApiError> {
+        let accounts = store::find_accounts(&self.0, &users).await?;
+        Ok(accounts
+            .into_iter()
+            .map(|account| (account.user_id.clone(), account))
+            .collect())
     }
 }
 
@@ -169,7 +188,7 @@ statuses!(Balance:
     403 => FORBIDDEN_DOC,
     404 => "The user has no account (`account_not_found`).",
     500 => INTERNAL_DOC,
-    503 => "The database is unreachable; retry later.",
+    503 => "The database is unreachable, or did not answer in time; retry later.",
 );
 
 statuses!(Ledger:
@@ -271,7 +290,9 @@ impl PaymentsApi {
         user_id: Query<UserIdParam>,
     ) -> Reply<Json<AccountBody>, Balance> {
         let read = async {
-            let account = self.account(&caller, &user_id).await?;
+            let user = caller.acting_for(&user_id)?;
+            let account = self.balances.get(user).await?;
+            let account = account.ok_or(PaymentsError::AccountNotFound)?;
             Ok::<_, ApiError>(Json(AccountBody::from(account)))
         };
         read.await.into()

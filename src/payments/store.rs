@@ -69,6 +69,21 @@ pub async fn find_account(
     row.map(AccountRow::into_account).transpose()
 }
 
+/// The accounts of `users` that exist (in no particular order): one statement for many GETs.
+pub async fn find_accounts(
+    conn: &impl ConnectionTrait,
+    users: &[UserId],
+) -> Result<Vec<Account>, DbErr> {
+    let users: Vec<String> = users.iter().map(|user| user.as_str().to_owned()).collect();
+    let rows = AccountRow::find_by_statement(statement(
+        "SELECT user_id, balance_minor FROM payments.accounts WHERE user_id = ANY($1)",
+        [users.into()],
+    ))
+    .all(conn)
+    .await?;
+    rows.into_iter().map(AccountRow::into_account).collect()
+}
+
 pub enum TopUp {
     Credited(Account),
     NoAccount,

@@ -11,6 +11,8 @@ use poem_openapi::registry::{MetaResponses, Registry};
 use poem_openapi::{ApiResponse, Object};
 use sea_orm::DbErr;
 
+use crate::kernel::coalesce::Failed;
+
 /// Every error the API returns: `{"error": "<code>", "message": "<human text>"}`.
 #[derive(Debug, Clone, Object, serde::Serialize)]
 pub struct ErrorBody {
@@ -117,6 +119,21 @@ impl std::fmt::Display for Refused {
 }
 
 impl std::error::Error for Refused {}
+
+/// A coalesced read's failure: its batch's own error, or a 503 when the read could not be made
+/// in time (or at all, while shutting down).
+impl From<Failed<ApiError>> for ApiError {
+    fn from(failed: Failed<ApiError>) -> Self {
+        match failed {
+            Failed::Load(error) => error,
+            Failed::TimedOut | Failed::Gone => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "the read could not be made in time; try again shortly",
+            ),
+        }
+    }
+}
 
 impl From<DbErr> for ApiError {
     fn from(error: DbErr) -> Self {

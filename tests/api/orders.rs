@@ -192,3 +192,78 @@ async fn orders_placed_while_the_broker_is_unreachable_wait_in_the_outbox() {
         "{report}"
     );
 }
+
+/// GET order and GET balance coalesce concurrent reads into shared queries: each concurrent
+/// caller still gets its own order or account, a missing one is still 404, and a read made
+/// right after a write sees it.
+#[tokio::test]
+async fn concurrent_reads_each_get_their_own_answer() {
+    let app = std::sync::Arc::new(spawn_app().await);
+    let mut expected = Vec::new();
+    for (i, user) in ["co-a", "co-b", "co-c"].iter().enumerate() {
+        app.funded_account(user, &format!("{}.00", 10 + i)).await;
+        for j in 0..5 {
+            let amount = format!("{}.{:02}", i + 1, j);
+            let order = app.create_order(user, &amount).await;
+            expected.push((order.str("id").to_owned(), user.to_string(), amount));
+        }
+    }
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let mut reads = tokio::task::JoinSet::new();
+    for _round in 0..8 {
+        for (id, user, amount) in expected.iter().cloned() {
+            let client = app.clone();
+            reads.spawn(async move {
+                let read = client.order(&id).await;
+                assert_eq!(read.status, StatusCode::OK, "{}", read.body);
+                assert_eq!(
+                    (read.str("id"), read.str("user_id")),
+                    (id.as_str(), user.as_str())
+                );
+                assert_eq!(read.str("amount"), amount);
+            });
+        }
+        let (client, unknown) = (app.clone(), unknown.clone());
+        reads.spawn(async move {
+            client
+                .order(&unknown)
+                .await
+                .assert_error(404, "order_not_found")
+        });
+        for (user, funded) in [("co-a", "10.00"), ("co-b", "11.00"), ("co-c", "12.00")] {
+            let client = app.clone();
+            reads.spawn(async move {
+                let balance = client.balance(user).await;
+                assert_eq!(balance.status, StatusCode::OK, "{}", balance.body);
+                assert_eq!(balance.str("user_id"), user);
+                // Orders may have been paid meanwhile: at most what was funded.
+                let left: f64 = balance.str("balance").parse().unwrap();
+                assert!(left <= funded.parse::<f64>().unwrap(), "{}", balance.body);
+            });
+        }
+        let client = app.clone();
+        reads.spawn(async move {
+            client
+                .balance("co-nobody")
+                .await
+                .assert_error(404, "account_not_found")
+        });
+    }
+    while let Some(done) = reads.join_next().await {
+        done.expect("a read answered as expected");
+    }
+    // Read your writes: once co-a's orders are final, each top-up's new balance is what a GET
+    // made right after it answers.
+    for (id, user, _) in &expected {
+        if user == "co-a" {
+            app.wait_until_final(id, std::time::Duration::from_secs(20))
+                .await;
+        }
+    }
+    for k in 1..=20 {
+        let topped = app.add_funds("co-a", "1").await;
+        assert_eq!(topped.status, StatusCode::OK, "{}", topped.body);
+        let balance = app.balance("co-a").await;
+        assert_eq!(balance.str("balance"), topped.str("balance"), "top-up {k}");
+    }
+}
