@@ -211,7 +211,8 @@ async fn concurrent_reads_each_get_their_own_answer() {
     let unknown = uuid::Uuid::now_v7().to_string();
     let mut reads = tokio::task::JoinSet::new();
     for _round in 0..8 {
-        for (id, user, amount) in expected.iter().cloned() {
+        for (id, user, amount) in &expected {
+            let (id, user, amount) = (id.clone(), user.clone(), amount.clone());
             let client = app.clone();
             reads.spawn(async move {
                 let read = client.order(&id).await;
