@@ -231,6 +231,15 @@ async fn pages_of_more_than_1000_orders_are_complete_and_stable_while_orders_are
         ("-1", None),
         ("5", Some("nope")),
         ("5", Some("1_x")),
+        // Only the form next_cursor has: no sign, no leading zero.
+        (
+            "5",
+            Some("+1764574200000000_0190f5c2-8c1e-7a9b-b7a1-1f2e3d4c5b6a"),
+        ),
+        (
+            "5",
+            Some("01764574200000000_0190f5c2-8c1e-7a9b-b7a1-1f2e3d4c5b6a"),
+        ),
     ] {
         let mut query = vec![("user_id", "collector"), ("limit", limit)];
         if let Some(cursor) = cursor {
@@ -276,12 +285,14 @@ async fn the_ledger_is_paged_too() {
         .map(|t| t["id"].as_i64().unwrap())
         .collect();
     assert_eq!(ids.len(), 150);
-    app.get(
-        "/api/payments/transactions",
-        &[("user_id", "saver"), ("cursor", "x")],
-    )
-    .await
-    .assert_error(400, "invalid_cursor");
+    for bad in ["x", "0", "-1", "+5", "007", "1234567890123456789"] {
+        app.get(
+            "/api/payments/transactions",
+            &[("user_id", "saver"), ("cursor", bad)],
+        )
+        .await
+        .assert_error(400, "invalid_cursor");
+    }
 }
 
 async fn open_stream(app: &TestApp, user: &str) -> reqwest::Response {

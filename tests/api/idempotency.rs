@@ -115,6 +115,27 @@ async fn a_key_reused_with_other_parameters_or_malformed_is_refused_and_changes_
             .await
             .assert_error(400, "invalid_idempotency_key");
     }
+    // Bytes the header parser would skip (so the POST would run without its key), and a key
+    // given twice: refused before anything runs.
+    let url = format!("{}{CREATE_ORDER}", app.address);
+    let non_ascii = reqwest::header::HeaderValue::from_bytes(b"k\xc3\x97").unwrap();
+    let twice = app
+        .client
+        .post(&url)
+        .query(&[("user_id", "ivy"), ("amount", "1")])
+        .header("Idempotency-Key", "k3")
+        .header("Idempotency-Key", "k4");
+    let garbled = app
+        .client
+        .post(&url)
+        .query(&[("user_id", "ivy"), ("amount", "1")])
+        .header("Idempotency-Key", non_ascii);
+    for request in [twice, garbled] {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_idempotency_key", "{body}");
+    }
     assert_eq!(snapshot(&db).await, before);
 }
 
