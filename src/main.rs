@@ -5,6 +5,7 @@ use gozon::app::cli::{Cli, Command};
 use gozon::app::{self, Application, contexts, routes};
 use gozon::ops::audit::AuditSettings;
 use gozon::ops::telemetry::{self, LogFormat};
+use gozon::web::auth::Claims;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -62,15 +63,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
             sub,
             scope,
             ttl,
+            issuer,
+            audience,
+            kid,
             jwt_secret,
             jwt_private_key,
         } => {
+            let mut claims = Claims::new(&sub, scope.as_deref(), ttl);
+            claims.iss = issuer;
+            claims.aud = audience;
             let token = app::mint_token(
-                &sub,
-                scope.as_deref(),
-                ttl,
+                &claims,
                 jwt_secret.as_deref(),
                 jwt_private_key.as_deref(),
+                kid.as_deref(),
             )?;
             println!("{token}");
             Ok(())

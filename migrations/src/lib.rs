@@ -24,6 +24,20 @@ impl Context {
         }
     }
 
+    /// Tables the serving role may not change freely, with the only rights it gets on them:
+    /// the ledger is append-only, and a once-per-order record is never deleted (a debit's may
+    /// record its outcome; a refund's is written once).
+    pub const fn restricted_tables(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Context::Orders => &[],
+            Context::Payments => &[
+                ("transactions", "SELECT, INSERT"),
+                ("order_payments", "SELECT, INSERT, UPDATE"),
+                ("order_refunds", "SELECT, INSERT"),
+            ],
+        }
+    }
+
     /// A fixed key per context for `pg_advisory_xact_lock`, so instances that start together
     /// apply each migration once instead of racing on the same DDL.
     fn lock_key(self) -> i64 {
@@ -53,8 +67,9 @@ pub async fn migrate(db: &DatabaseConnection, context: Context) -> Result<(), Db
 }
 
 /// Lets `db_role` read and write the context's tables (and use its sequences), now and for
-/// tables later migrations create: the least a process serving the context needs. It gets no
-/// DDL rights and nothing on any other schema. Idempotent.
+/// tables later migrations create: the least a process serving the context needs, less on the
+/// [`Context::restricted_tables`]. It gets no DDL rights and nothing on any other schema.
+/// Idempotent.
 pub async fn grant_dml(
     db: &DatabaseConnection,
     context: Context,
@@ -81,5 +96,12 @@ pub async fn grant_dml(
          ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} GRANT USAGE, SELECT ON SEQUENCES TO \"{db_role}\";"
     ))
     .await?;
+    for (table, rights) in context.restricted_tables() {
+        txn.execute_unprepared(&format!(
+            "REVOKE ALL ON {schema}.{table} FROM \"{db_role}\"; \
+             GRANT {rights} ON {schema}.{table} TO \"{db_role}\";"
+        ))
+        .await?;
+    }
     txn.commit().await
 }

@@ -70,6 +70,15 @@ pub enum Command {
         /// How long it is valid: `1h`, `15m`, `90s`.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
+        /// The `iss` claim (a server with --jwt-issuer requires it).
+        #[arg(long = "iss")]
+        issuer: Option<String>,
+        /// The `aud` claim (a server with --jwt-audience requires it).
+        #[arg(long = "aud")]
+        audience: Option<String>,
+        /// The `kid` header: the id of the signing key in a JWKS.
+        #[arg(long)]
+        kid: Option<String>,
         #[arg(long, env = "GOZON_JWT_SECRET", hide_env_values = true)]
         jwt_secret: Option<String>,
         /// A PEM private key (RSA or EC P-256) to sign with instead of the secret.

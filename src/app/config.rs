@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
+use ipnet::IpNet;
 use jsonwebtoken::{Algorithm, DecodingKey};
 
 use crate::db::PoolSize;
@@ -17,8 +18,9 @@ use crate::messaging::outbox::{HousekeepingSettings, RelaySettings};
 use crate::messaging::signing::{self, Keyring, MessageKey};
 use crate::ops::telemetry::{LogFormat, mask_password};
 use crate::orders::events::StreamLimits;
-use crate::web::auth::Authenticator;
+use crate::web::auth::{self, Authenticator, JwtRules, TokenKeys};
 use crate::web::edge::PostLimits;
+use crate::web::jwks::Jwks;
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/gozon";
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -107,8 +109,9 @@ pub struct Settings {
     #[arg(long, env = "GOZON_OUTBOX_HOUSEKEEPING_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(10..))]
     pub outbox_housekeeping_ms: u64,
 
-    /// Address the HTTP server listens on.
-    #[arg(long, env = "GOZON_HTTP_ADDR", default_value = "0.0.0.0:8000")]
+    /// Address the HTTP server listens on. Loopback by default: serving other hosts is a
+    /// choice (and without authentication, an explicit one: see `--auth`).
+    #[arg(long, env = "GOZON_HTTP_ADDR", default_value = "127.0.0.1:8000")]
     pub http_addr: SocketAddr,
 
     /// Folder of the web page served at `/` by `--role all`.
@@ -127,9 +130,11 @@ pub struct Settings {
     pub otlp_endpoint: Option<String>,
 
     /// Who may call the API: `none` (anyone acts for any user: the demo) or `jwt` (a bearer
-    /// token's `sub` is the only user a call acts for).
-    #[arg(long, env = "GOZON_AUTH", value_enum, default_value_t = AuthMode::None)]
-    pub auth: AuthMode,
+    /// token's `sub` is the only user a call acts for). Unset means `none`, which is refused on
+    /// a listener other hosts can reach: serving them without authentication must be chosen
+    /// (`--auth none`, GOZON_AUTH=none).
+    #[arg(long, env = "GOZON_AUTH", value_enum)]
+    pub auth: Option<AuthMode>,
 
     /// With `--auth jwt`: the HS256 secret tokens are signed with (at least 32 bytes).
     #[arg(long, env = "GOZON_JWT_SECRET", hide_env_values = true)]
@@ -139,6 +144,48 @@ pub struct Settings {
     /// with, instead of a secret.
     #[arg(long, env = "GOZON_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
+
+    /// With `--auth jwt`: the identity provider's JWKS URL (Keycloak:
+    /// `https://HOST/realms/REALM/protocol/openid-connect/certs`); RS256 and ES256 keys, picked
+    /// by the token's `kid`, cached and refetched when a token names an unknown one.
+    #[arg(long, env = "GOZON_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+
+    /// With `--auth jwt`: the `iss` every token must carry (required with a public key or JWKS;
+    /// Keycloak: `https://HOST/realms/REALM`).
+    #[arg(long, env = "GOZON_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// With `--auth jwt`: a value the token's `aud` must hold (required with a public key or
+    /// JWKS: the client id the provider issues Gozon's tokens for).
+    #[arg(long, env = "GOZON_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// With `--auth jwt`: the longest lifetime a token may have (`exp` - `iat`, and from now).
+    #[arg(long, env = "GOZON_JWT_MAX_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub jwt_max_ttl: Duration,
+
+    /// Seconds between two fetches of the JWKS prompted by unknown key ids (however many arrive).
+    #[arg(
+        long,
+        env = "GOZON_JWT_JWKS_MIN_REFRESH_SECS",
+        default_value_t = 5,
+        hide = true
+    )]
+    pub jwt_jwks_min_refresh_secs: u64,
+
+    /// With `--auth jwt`: the key event-stream tickets are signed with (32+ bytes); required
+    /// with a public key or JWKS on the roles that serve event streams (orders, all); with
+    /// GOZON_JWT_SECRET, a key derived from that secret is used unless this is set. Give it to
+    /// the orders role only.
+    #[arg(long, env = "GOZON_EVENTS_TICKET_KEY", hide_env_values = true)]
+    pub events_ticket_key: Option<String>,
+
+    /// Proxies whose `X-Forwarded-For` names the client (the gateway, the Ingress), as CIDR
+    /// ranges, comma separated; the per-client limit keys on that address. None by default:
+    /// the TCP peer is the client.
+    #[arg(long, env = "GOZON_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_cidr)]
+    pub trusted_proxies: Vec<IpNet>,
 
     /// Most HTTP connections open at once; further ones wait to be accepted.
     #[arg(long, env = "GOZON_HTTP_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -196,8 +243,18 @@ pub enum AuthMode {
     Jwt,
 }
 
-/// The shortest HS256 secret accepted.
+/// A CIDR range, or a single address (a /32 or /128).
+fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{text:?} is not a CIDR range such as 10.0.0.0/8"))
+}
+
+/// The shortest HS256 secret (and ticket key) accepted.
 pub const MIN_JWT_SECRET_BYTES: usize = 32;
+/// How long an identity provider's keys are used before they are fetched again.
+const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
 
 impl Settings {
     pub fn stream_limits(&self) -> StreamLimits {
@@ -213,42 +270,66 @@ impl Settings {
         PostLimits::new(
             rate(self.rate_limit_per_client),
             rate(self.rate_limit_per_user),
+            self.trusted_proxies.clone(),
         )
     }
 
+    /// The authentication mode: `none` unless `--auth` says otherwise.
+    pub fn auth_mode(&self) -> AuthMode {
+        self.auth.unwrap_or(AuthMode::None)
+    }
+
+    /// Refuses to serve other hosts without authentication unless that was chosen, and says
+    /// so (once) whenever the API is open.
+    pub fn check_exposure(&self) -> anyhow::Result<()> {
+        let address = self.http_addr;
+        match self.auth {
+            Some(AuthMode::Jwt) => return Ok(()),
+            None if !address.ip().is_loopback() => anyhow::bail!(
+                "refusing to serve {address} without authentication: other hosts could act for any user; pass --auth jwt, or --auth none (GOZON_AUTH=none) to run open on purpose"
+            ),
+            _ => {}
+        }
+        tracing::warn!(
+            %address,
+            "--auth none: no authentication, anyone who reaches {address} acts for any user"
+        );
+        Ok(())
+    }
+
     /// The checker of bearer tokens this configuration asks for; an error for a jwt mode
-    /// without a usable key.
-    pub fn authenticator(&self) -> anyhow::Result<Authenticator> {
-        if self.auth == AuthMode::None {
+    /// without a usable key. `serves_events`: this process serves event streams (orders, all)
+    /// and so issues and checks their tickets.
+    pub fn authenticator(&self, serves_events: bool) -> anyhow::Result<Authenticator> {
+        if self.auth_mode() == AuthMode::None {
             return Ok(Authenticator::open());
         }
-        let tickets = self.message_key.as_bytes();
-        let ticket_ttl = Duration::from_secs(self.events_ticket_ttl_secs);
-        // An empty GOZON_JWT_SECRET (compose passes one through unset) is no secret.
-        let secret = self
-            .jwt_secret
-            .as_deref()
-            .filter(|secret| !secret.is_empty());
-        match (secret, &self.jwt_public_key) {
-            (Some(_), Some(_)) => {
-                anyhow::bail!("--auth jwt takes GOZON_JWT_SECRET or --jwt-public-key, not both")
-            }
-            (None, None) => anyhow::bail!(
-                "--auth jwt needs GOZON_JWT_SECRET (HS256) or --jwt-public-key (RS256/ES256)"
-            ),
-            (Some(secret), None) => {
+        if self.message_key.is_empty() || self.message_key == signing::DEVELOPMENT_KEY {
+            anyhow::bail!(
+                "--auth jwt needs a real GOZON_MESSAGE_KEY (32+ random bytes), not the development key or an empty one"
+            );
+        }
+        // An empty variable (compose passes one through unset) is no value.
+        let given = |value: &Option<String>| value.clone().filter(|value| !value.is_empty());
+        let secret = given(&self.jwt_secret);
+        let ticket_secret = given(&self.events_ticket_key);
+        if let Some(key) = &ticket_secret
+            && key.len() < MIN_JWT_SECRET_BYTES
+        {
+            anyhow::bail!("GOZON_EVENTS_TICKET_KEY must be at least {MIN_JWT_SECRET_BYTES} bytes");
+        }
+        let jwks_url = given(&self.jwt_jwks_url);
+        let keys = match (&secret, &self.jwt_public_key, &jwks_url) {
+            (Some(secret), None, None) => {
                 if secret.len() < MIN_JWT_SECRET_BYTES {
                     anyhow::bail!("GOZON_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes");
                 }
-                let key = DecodingKey::from_secret(secret.as_bytes());
-                Ok(Authenticator::jwt(
-                    key,
+                TokenKeys::Fixed(
+                    DecodingKey::from_secret(secret.as_bytes()).into(),
                     Algorithm::HS256,
-                    tickets,
-                    ticket_ttl,
-                ))
+                )
             }
-            (None, Some(path)) => {
+            (None, Some(path), None) => {
                 let pem =
                     std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
                 let (key, algorithm) = match DecodingKey::from_rsa_pem(&pem) {
@@ -260,9 +341,43 @@ impl Settings {
                         Algorithm::ES256,
                     ),
                 };
-                Ok(Authenticator::jwt(key, algorithm, tickets, ticket_ttl))
+                TokenKeys::Fixed(key.into(), algorithm)
             }
+            (None, None, Some(url)) => TokenKeys::Provider(Jwks::new(
+                url,
+                JWKS_MAX_AGE,
+                Duration::from_secs(self.jwt_jwks_min_refresh_secs),
+            )?),
+            (None, None, None) => anyhow::bail!(
+                "--auth jwt needs GOZON_JWT_SECRET (HS256), --jwt-public-key or --jwt-jwks-url (RS256/ES256)"
+            ),
+            _ => anyhow::bail!(
+                "--auth jwt takes one of GOZON_JWT_SECRET, --jwt-public-key and --jwt-jwks-url"
+            ),
+        };
+        let (issuer, audience) = (given(&self.jwt_issuer), given(&self.jwt_audience));
+        let public_keys = secret.is_none();
+        if public_keys && (issuer.is_none() || audience.is_none()) {
+            anyhow::bail!(
+                "--auth jwt with a public key or JWKS needs --jwt-issuer and --jwt-audience (tokens the provider issued for other applications must not act here)"
+            );
         }
+        let ticket_key = match (ticket_secret, &secret) {
+            _ if !serves_events => None,
+            (Some(key), _) => Some(auth::ticket_key(key.as_bytes())),
+            (None, Some(secret)) => Some(auth::ticket_key(secret.as_bytes())),
+            (None, None) => anyhow::bail!(
+                "--auth jwt with a public key or JWKS needs GOZON_EVENTS_TICKET_KEY (32+ bytes) on the roles that serve event streams"
+            ),
+        };
+        Ok(Authenticator::jwt(JwtRules {
+            keys,
+            issuer,
+            audience,
+            max_ttl: self.jwt_max_ttl,
+            ticket_key,
+            ticket_ttl: Duration::from_secs(self.events_ticket_ttl_secs),
+        }))
     }
 
     pub fn keyring(&self) -> Keyring {
@@ -370,6 +485,15 @@ impl fmt::Debug for Settings {
             .field("auth", &self.auth)
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
             .field("jwt_public_key", &self.jwt_public_key)
+            .field("jwt_jwks_url", &self.jwt_jwks_url)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_max_ttl", &self.jwt_max_ttl)
+            .field(
+                "events_ticket_key",
+                &self.events_ticket_key.as_ref().map(|_| "***"),
+            )
+            .field("trusted_proxies", &self.trusted_proxies)
             .field("events_ticket_ttl_secs", &self.events_ticket_ttl_secs)
             .field("http_max_connections", &self.http_max_connections)
             .field(

@@ -91,10 +91,12 @@ pub async fn migrate(
     Ok(())
 }
 
-/// Every queue of the system: each process declares them all (see [`Broker::new`]).
-pub fn broker(settings: &Settings) -> Broker {
+/// The broker as `role` uses it: every queue of the system is known (where messages go), the
+/// role's own are declared (see [`Broker::new`]).
+pub fn broker(settings: &Settings, role: Role) -> Broker {
     let queues = contexts::ALL.iter().map(|context| context.consumes);
-    Broker::new(settings.broker(), queues.collect())
+    let owned = role.contexts().into_iter().map(|context| context.consumes);
+    Broker::new(settings.broker(), queues.collect(), owned.collect())
 }
 
 impl Application {
@@ -102,11 +104,12 @@ impl Application {
     /// need not be up: relays and consumers connect in the background and keep retrying.
     pub async fn build(settings: &Settings, role: Role) -> anyhow::Result<Application> {
         tracing::info!(?role, settings = ?settings, "starting gozon");
+        settings.check_exposure()?;
         settings.check_message_keys()?;
-        let authenticator = settings.authenticator()?;
+        let authenticator = settings.authenticator(role != Role::Payments)?;
         let db = connect_and_migrate(settings, role).await?;
         let metrics = Metrics::default();
-        let broker = broker(settings).with_metrics(metrics.clone());
+        let broker = broker(settings, role).with_metrics(metrics.clone());
         let shutdown = CancellationToken::new();
         let mut workers = Workers {
             tasks: JoinSet::new(),
@@ -223,15 +226,14 @@ pub async fn audit(database_url: &str, settings: &audit::AuditSettings) -> anyho
     Ok(())
 }
 
-/// `gozon token`: a signed token for `sub`, valid `ttl`.
+/// `gozon token`: `claims`, signed with the HS256 `secret` or the PEM `private_key` (RS256 or
+/// ES256), naming `kid` in its header when given (as an identity provider's tokens do).
 pub fn mint_token(
-    sub: &str,
-    scope: Option<&str>,
-    ttl: Duration,
+    claims: &Claims,
     secret: Option<&str>,
     private_key: Option<&std::path::Path>,
+    kid: Option<&str>,
 ) -> anyhow::Result<String> {
-    let claims = Claims::new(sub, scope, ttl);
     let (key, algorithm) = match (secret, private_key) {
         (_, Some(path)) => {
             let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -246,19 +248,17 @@ pub fn mint_token(
         ),
         (None, None) => anyhow::bail!("set GOZON_JWT_SECRET or --jwt-private-key"),
     };
-    Ok(jsonwebtoken::encode(
-        &Header::new(algorithm),
-        &claims,
-        &key,
-    )?)
+    let mut header = Header::new(algorithm);
+    header.kid = kid.map(str::to_owned);
+    Ok(jsonwebtoken::encode(&header, claims, &key)?)
 }
 
 /// `gozon dlq list|replay`: prints one line per dead letter.
 pub async fn dead_letters(action: DlqAction) -> anyhow::Result<()> {
-    let queue_of = |queue: DlqQueue| -> &'static BoundedContext {
+    let queue_of = |queue: DlqQueue| -> (&'static BoundedContext, Role) {
         match queue {
-            DlqQueue::Payments => &contexts::PAYMENTS,
-            DlqQueue::Orders => &contexts::ORDERS,
+            DlqQueue::Payments => (&contexts::PAYMENTS, Role::Payments),
+            DlqQueue::Orders => (&contexts::ORDERS, Role::Orders),
         }
     };
     let (letters, verb) = match action {
@@ -267,9 +267,9 @@ pub async fn dead_letters(action: DlqAction) -> anyhow::Result<()> {
             limit,
             settings,
         } => {
-            let queue = queue_of(queue).consumes;
+            let (context, role) = queue_of(queue);
             (
-                dlq::list(&broker(&settings), &queue, limit).await?,
+                dlq::list(&broker(&settings, role), &context.consumes, limit).await?,
                 "dead letter",
             )
         }
@@ -279,7 +279,8 @@ pub async fn dead_letters(action: DlqAction) -> anyhow::Result<()> {
             message_id,
             settings,
         } => {
-            let (broker, queue) = (broker(&settings), queue_of(queue).consumes);
+            let (context, role) = queue_of(queue);
+            let (broker, queue) = (broker(&settings, role), context.consumes);
             let replayed = dlq::replay(&broker, &queue, limit, message_id.as_deref()).await?;
             (replayed, "replayed")
         }

@@ -135,9 +135,13 @@ pub fn routes(
     } = guards;
     route
         .data(authenticator)
+        .data(post_limits.clone())
         .catch_all_error(error_to_json)
         .around(move |ep, request| {
-            let refusal = idempotency::unreadable_key(&request).or_else(|| post_limits.check(&request));
+            // The per-client limit here, before anything is read; the per-user one after
+            // authentication (the auth extractor).
+            let refusal = idempotency::unreadable_key(&request)
+                .or_else(|| post_limits.check_client(&request));
             async move {
                 match refusal {
                     Some(refusal) => Ok(refusal.into_response()),

@@ -27,7 +27,9 @@ use crate::ops::metrics::Metrics;
 /// A queue some consumer reads, and the message types routed to it.
 #[derive(Clone, Copy, Debug)]
 pub struct QueueSpec {
-    /// Appended to the broker prefix: `<prefix>.<suffix>`.
+    /// The context that consumes it, and owns it and the exchanges that lead to it.
+    pub owner: &'static str,
+    /// Appended to the broker prefix: `<prefix>.<suffix>`; starts with `<owner>.`.
     pub suffix: &'static str,
     pub message_types: &'static [&'static str],
 }
@@ -47,14 +49,58 @@ pub struct BrokerSettings {
     pub keyring: Keyring,
 }
 
-/// The broker as Gozon uses it: one topic exchange for events, one dead-letter exchange, and
-/// one durable quorum queue (plus its `.dlq`) per consumer.
+/// The broker as Gozon uses it. Each consuming context owns everything under
+/// `<prefix>.<context>.`: its inbound topic exchange (`.inbound`, where the other context
+/// publishes what it sends it), its durable quorum queue bound to it by message type, a
+/// dead-letter exchange and the queue's `.dlq`. So each context's broker user needs rights on
+/// its own names and the right to publish to the other's inbound exchange, nothing more
+/// ([`permissions`]): neither can purge or delete the other's queues.
 #[derive(Clone, Debug)]
 pub struct Broker {
     settings: Arc<BrokerSettings>,
+    /// Every queue of the system: where each message type goes.
     queues: Arc<Vec<QueueSpec>>,
+    /// The queues this process consumes: the topology it declares.
+    owned: Arc<Vec<QueueSpec>>,
     links: BrokerLinks,
     metrics: Metrics,
+}
+
+/// A broker user's rights (RabbitMQ's configure, write and read regular expressions).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Permissions {
+    pub configure: String,
+    pub write: String,
+    pub read: String,
+}
+
+/// The least a context's broker user needs: configure and read its own names (declare and
+/// consume its queues, bind them to its exchanges), write its own names (bindings, replays of its
+/// dead letters) and the inbound exchanges of the contexts it sends to (`sends_to`).
+pub fn permissions(prefix: &str, context: &str, sends_to: &[&str]) -> Permissions {
+    let escape = |text: &str| {
+        text.chars()
+            .flat_map(|c| {
+                let special = "\\.^$|?*+()[]{}-".contains(c);
+                special
+                    .then_some('\\')
+                    .into_iter()
+                    .chain(std::iter::once(c))
+            })
+            .collect::<String>()
+    };
+    let own = format!("^{}\\.{}\\..*$", escape(prefix), escape(context));
+    let mut write = vec![format!("{}\\.{}\\..*", escape(prefix), escape(context))];
+    write.extend(
+        sends_to
+            .iter()
+            .map(|peer| format!("{}\\.{}\\.inbound", escape(prefix), escape(peer))),
+    );
+    Permissions {
+        configure: own.clone(),
+        write: format!("^({})$", write.join("|")),
+        read: own,
+    }
 }
 
 /// Which broker-facing tasks (relays, consumers) of this process are connected right now;
@@ -100,12 +146,14 @@ pub enum AmqpError {
 }
 
 impl Broker {
-    /// `queues` is every queue of the system, not only the caller's: whoever connects first
-    /// declares them all, so nothing published before its consumer's first start is unroutable.
-    pub fn new(settings: BrokerSettings, queues: Vec<QueueSpec>) -> Broker {
+    /// `queues` is every queue of the system (where messages go); `owned`, the ones this
+    /// process consumes, whose exchanges and queues it declares. A message for a context that
+    /// has never started finds no exchange: its relay keeps it in the outbox and retries.
+    pub fn new(settings: BrokerSettings, queues: Vec<QueueSpec>, owned: Vec<QueueSpec>) -> Broker {
         Broker {
             settings: Arc::new(settings),
             queues: Arc::new(queues),
+            owned: Arc::new(owned),
             links: BrokerLinks::default(),
             metrics: Metrics::default(),
         }
@@ -129,12 +177,21 @@ impl Broker {
         &self.links
     }
 
-    pub fn events_exchange(&self) -> String {
-        format!("{}.events", self.settings.prefix)
+    /// The exchange messages for `queue` are published to.
+    pub fn inbound_exchange(&self, queue: &QueueSpec) -> String {
+        format!("{}.{}.inbound", self.settings.prefix, queue.owner)
     }
 
-    pub fn dead_letter_exchange(&self) -> String {
-        format!("{}.dead-letter", self.settings.prefix)
+    /// The exchange `queue`'s messages go to once they cannot be applied.
+    pub fn dead_letter_exchange(&self, queue: &QueueSpec) -> String {
+        format!("{}.{}.dead-letter", self.settings.prefix, queue.owner)
+    }
+
+    /// The queue that takes messages of `message_type`.
+    pub fn queue_for(&self, message_type: &str) -> Option<&QueueSpec> {
+        self.queues
+            .iter()
+            .find(|queue| queue.message_types.contains(&message_type))
     }
 
     pub fn queue_name(&self, queue: &QueueSpec) -> String {
@@ -214,23 +271,23 @@ impl Broker {
             durable: true,
             ..ExchangeDeclareOptions::default()
         };
-        let events = self.events_exchange();
-        let dead_letter = self.dead_letter_exchange();
-        self.timed(channel.exchange_declare(
-            events.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        ))
-        .await?;
-        self.timed(channel.exchange_declare(
-            dead_letter.as_str().into(),
-            ExchangeKind::Direct,
-            durable,
-            FieldTable::default(),
-        ))
-        .await?;
-        for queue in self.queues.iter() {
+        for queue in self.owned.iter() {
+            let inbound = self.inbound_exchange(queue);
+            let dead_letter = self.dead_letter_exchange(queue);
+            self.timed(channel.exchange_declare(
+                inbound.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            ))
+            .await?;
+            self.timed(channel.exchange_declare(
+                dead_letter.as_str().into(),
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            ))
+            .await?;
             let name = self.queue_name(queue);
             let dlq = self.dead_letter_queue_name(queue);
             self.timed(channel.queue_declare(
@@ -250,13 +307,13 @@ impl Broker {
             self.timed(channel.queue_declare(
                 name.as_str().into(),
                 QueueDeclareOptions::durable(),
-                self.queue_arguments(Some(&name)),
+                self.queue_arguments(Some((&dead_letter, &name))),
             ))
             .await?;
             for message_type in queue.message_types {
                 self.timed(channel.queue_bind(
                     name.as_str().into(),
-                    events.as_str().into(),
+                    inbound.as_str().into(),
                     (*message_type).into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
@@ -268,17 +325,18 @@ impl Broker {
     }
 
     /// Quorum queues count deliveries, which is what bounds redelivery of a message whose
-    /// handling keeps failing; `dead_letter_key` is set on work queues, not on the DLQs.
-    fn queue_arguments(&self, dead_letter_key: Option<&str>) -> FieldTable {
+    /// handling keeps failing; `dead_letter` (exchange, routing key) is set on work queues, not
+    /// on the DLQs.
+    fn queue_arguments(&self, dead_letter: Option<(&str, &str)>) -> FieldTable {
         let mut arguments = FieldTable::default();
         arguments.insert(
             "x-queue-type".into(),
             AMQPValue::LongString("quorum".into()),
         );
-        if let Some(key) = dead_letter_key {
+        if let Some((exchange, key)) = dead_letter {
             arguments.insert(
                 "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(self.dead_letter_exchange().into()),
+                AMQPValue::LongString(exchange.into()),
             );
             arguments.insert(
                 "x-dead-letter-routing-key".into(),

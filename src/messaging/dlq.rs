@@ -98,7 +98,7 @@ pub async fn list(
 }
 
 /// Publishes up to `limit` messages of the queue's DLQ (only `message_id` if given) back to the
-/// events exchange under their original routing key, removing each from the DLQ only after
+/// queue's inbound exchange under their original routing key, removing each from the DLQ only after
 /// the broker confirmed its new copy. Returns the replayed messages.
 pub async fn replay(
     broker: &Broker,
@@ -134,7 +134,7 @@ pub async fn replay(
             tracing::warn!(?letter.message_id, "no routing key known; left in the dead-letter queue");
             continue;
         };
-        republish(broker, &channel, &routing_key, &message.delivery).await?;
+        republish(broker, &channel, queue, &routing_key, &message.delivery).await?;
         broker
             .timed(message.delivery.acker.ack(BasicAckOptions::default()))
             .await?;
@@ -148,6 +148,7 @@ pub async fn replay(
 async fn republish(
     broker: &Broker,
     channel: &Channel,
+    queue: &QueueSpec,
     routing_key: &str,
     delivery: &Delivery,
 ) -> Result<(), AmqpError> {
@@ -172,7 +173,8 @@ async fn republish(
         }
         properties = properties.with_headers(headers);
     }
-    let exchange = broker.events_exchange();
+    // Back through the queue's own inbound exchange: its owner's broker user may write there.
+    let exchange = broker.inbound_exchange(queue);
     let confirm = broker
         .timed(channel.basic_publish(
             exchange.as_str().into(),

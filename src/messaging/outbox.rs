@@ -152,11 +152,16 @@ impl Relay {
         channel: &Channel,
         rows: &[PendingRow],
     ) -> Result<(), RelayError> {
-        let exchange = self.broker.events_exchange();
         let mut confirms = Vec::with_capacity(rows.len());
         // A span per traced message, open until the broker confirms it.
         let mut spans = Vec::new();
         for row in rows {
+            // The inbound exchange of the context that consumes this type.
+            let exchange = self
+                .broker
+                .queue_for(&row.message_type)
+                .map(|queue| self.broker.inbound_exchange(queue))
+                .ok_or_else(|| AmqpError::Unroutable(row.message_type.clone()))?;
             let payload = serde_json::to_vec(&row.body)
                 .map_err(|e| DbErr::Custom(format!("outbox body: {e}")))?;
             // This process not exporting: the writer's context is passed on unchanged.

@@ -472,13 +472,12 @@ impl OrdersApi {
         /// cannot send an Authorization header).
         #[oai(name = "ticket")]
         _ticket: Query<Option<String>>,
-        /// With `--auth jwt`: the bearer token itself, where a ticket cannot be fetched.
-        #[oai(name = "access_token")]
-        _access_token: Query<Option<String>>,
     ) -> Reply<Events<OrderBody>, FollowOrders> {
         let follow = || {
             let user = caller.0.acting_for(&user_id)?;
-            let stream = self.events.follow(user, self.shutdown.clone())?;
+            // The stream ends when the token or ticket that opened it does.
+            let expires = caller.0.principal().map(|principal| principal.expires_at);
+            let stream = self.events.follow(user, expires, self.shutdown.clone())?;
             let stream = stream.map(OrderBody::from).boxed();
             Ok::<_, ApiError>(Events::new(stream, EVENTS_KEEP_ALIVE))
         };

@@ -118,12 +118,14 @@ impl OrderEvents {
         }
     }
 
-    /// The changes of `user`'s orders from now on, until `shutdown` or the stream's lifetime
-    /// ends, or this reader falls behind (it missed changes): then the client reconnects and
-    /// re-reads. Refused when the server or the user has as many streams as allowed.
+    /// The changes of `user`'s orders from now on, until `shutdown`, the stream's lifetime or
+    /// `expires` (the credential's `exp`, seconds since the epoch) ends, or this reader falls
+    /// behind (it missed changes): then the client reconnects and re-reads. Refused when the
+    /// server or the user has as many streams as allowed.
     pub fn follow(
         &self,
         user: UserId,
+        expires: Option<u64>,
         shutdown: CancellationToken,
     ) -> Result<impl Stream<Item = Order> + Send + 'static, FollowError> {
         let limits = self.inner.limits;
@@ -151,7 +153,14 @@ impl OrderEvents {
                 user,
             },
         };
-        let ends = Box::pin(tokio::time::sleep(limits.lifetime));
+        let lifetime = expires.map_or(limits.lifetime, |expires| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let left = Duration::from_secs(expires).saturating_sub(now);
+            left.min(limits.lifetime)
+        });
+        let ends = Box::pin(tokio::time::sleep(lifetime));
         let state = (subscription, shutdown, ends);
         Ok(futures_util::stream::unfold(
             state,

@@ -18,6 +18,7 @@ pub const SCHEMA: &str = migrations::Context::Orders.schema();
 
 /// The queue Orders consumes: Payments' answers. Its name is also the inbox's consumer name.
 pub const PAYMENT_RESULTS: QueueSpec = QueueSpec {
+    owner: "orders",
     suffix: "orders.payment-results",
     message_types: &[
         PaymentSucceededV1::TYPE,

@@ -18,6 +18,7 @@ pub const SCHEMA: &str = migrations::Context::Payments.schema();
 /// The queue Payments consumes: requests to debit an order, and to refund one. Its name is also the inbox's
 /// consumer name.
 pub const PAYMENT_REQUESTS: QueueSpec = QueueSpec {
+    owner: "payments",
     suffix: "payments.payment-requests",
     message_types: &[PaymentRequestedV1::TYPE, RefundRequestedV1::TYPE],
 };

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod edge;
 pub mod error;
 pub mod idempotency;
+pub mod jwks;
 pub mod listener;
 pub mod params;
 pub mod sse;

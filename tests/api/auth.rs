@@ -18,10 +18,14 @@ const SECRET: &str = "a-test-secret-that-is-32-bytes-long!";
 const TOP_UP: &str = "payments:top_up";
 const KEYS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/keys");
 
+/// The message key of the jwt-mode tests (jwt mode refuses the development key).
+pub const MESSAGE_KEY: &str = "a-message-key-for-the-jwt-tests-0123456789";
+
 fn jwt_settings(env: &TestEnv) -> Settings {
     let mut settings = env.settings();
-    settings.auth = AuthMode::Jwt;
+    settings.auth = Some(AuthMode::Jwt);
     settings.jwt_secret = Some(SECRET.to_owned());
+    settings.message_key = MESSAGE_KEY.to_owned();
     settings
 }
 
@@ -32,7 +36,8 @@ async fn spawn(env: &TestEnv, settings: &Settings) -> TestApp {
 }
 
 fn token(sub: &str, scope: Option<&str>) -> String {
-    gozon::app::mint_token(sub, scope, Duration::from_secs(600), Some(SECRET), None).unwrap()
+    let claims = Claims::new(sub, scope, Duration::from_secs(600));
+    gozon::app::mint_token(&claims, Some(SECRET), None, None).unwrap()
 }
 
 fn now() -> u64 {
@@ -343,12 +348,18 @@ async fn the_happy_path_works_with_tokens_and_keys_are_per_user() {
 async fn an_rs256_server_takes_rs256_tokens_and_refuses_hs256_ones_made_with_its_public_key() {
     let env = TestEnv::new();
     let mut settings = env.settings();
-    settings.auth = AuthMode::Jwt;
+    settings.auth = Some(AuthMode::Jwt);
+    settings.message_key = MESSAGE_KEY.to_owned();
     settings.jwt_public_key = Some(format!("{KEYS}/rsa_public.pem").into());
+    settings.jwt_issuer = Some("https://idp.test/realms/shop".into());
+    settings.jwt_audience = Some("gozon".into());
+    settings.events_ticket_key = Some("a-ticket-key-of-32-bytes-or-more-0123".into());
     let app = spawn(&env, &settings).await;
     let private = std::path::PathBuf::from(format!("{KEYS}/rsa_private.pem"));
-    let rs256 = gozon::app::mint_token("erin", None, Duration::from_secs(60), None, Some(&private))
-        .unwrap();
+    let mut claims = Claims::new("erin", None, Duration::from_secs(60));
+    claims.iss = settings.jwt_issuer.clone();
+    claims.aud = settings.jwt_audience.clone();
+    let rs256 = gozon::app::mint_token(&claims, None, Some(&private), None).unwrap();
     let created = call(
         &app,
         Method::POST,
@@ -381,14 +392,81 @@ async fn an_rs256_server_takes_rs256_tokens_and_refuses_hs256_ones_made_with_its
 fn jwt_mode_refuses_to_start_without_a_usable_key() {
     let env = TestEnv::new();
     let mut settings = env.settings();
-    settings.auth = AuthMode::Jwt;
-    assert!(settings.authenticator().is_err(), "no secret");
+    settings.auth = Some(AuthMode::Jwt);
+    settings.message_key = MESSAGE_KEY.to_owned();
+    let refusal = |settings: &Settings, serves_events: bool| {
+        settings
+            .authenticator(serves_events)
+            .err()
+            .map(|error| error.to_string())
+    };
+    assert!(refusal(&settings, true).is_some(), "no secret");
     settings.jwt_secret = Some("too-short".into());
-    assert!(settings.authenticator().is_err(), "short secret");
+    assert!(refusal(&settings, true).is_some(), "short secret");
     settings.jwt_secret = Some(SECRET.into());
-    assert!(settings.authenticator().is_ok());
+    assert_eq!(refusal(&settings, true), None);
     settings.jwt_public_key = Some(format!("{KEYS}/rsa_public.pem").into());
-    assert!(settings.authenticator().is_err(), "both a secret and a key");
+    assert!(
+        refusal(&settings, true).is_some(),
+        "both a secret and a key"
+    );
+
+    // A public key needs an issuer and an audience, and the roles that serve event streams
+    // need a ticket key of their own (the payments role does not).
+    settings.jwt_secret = None;
+    let why = refusal(&settings, true).unwrap();
+    assert!(why.contains("--jwt-issuer and --jwt-audience"), "{why}");
+    settings.jwt_issuer = Some("https://idp.test/realms/shop".into());
+    assert!(refusal(&settings, true).is_some(), "no audience");
+    settings.jwt_audience = Some("gozon".into());
+    let why = refusal(&settings, true).unwrap();
+    assert!(why.contains("GOZON_EVENTS_TICKET_KEY"), "{why}");
+    assert_eq!(
+        refusal(&settings, false),
+        None,
+        "payments holds no ticket key"
+    );
+    settings.events_ticket_key = Some("short".into());
+    assert!(refusal(&settings, true).is_some(), "a short ticket key");
+    settings.events_ticket_key = Some("a-ticket-key-of-32-bytes-or-more-0123".into());
+    assert_eq!(refusal(&settings, true), None);
+
+    // Never with the public development message key, nor with an empty one.
+    for key in [gozon::messaging::signing::DEVELOPMENT_KEY, ""] {
+        settings.message_key = key.to_owned();
+        let why = refusal(&settings, true).unwrap();
+        assert!(why.contains("GOZON_MESSAGE_KEY"), "{why}");
+    }
+}
+
+#[test]
+fn serving_other_hosts_without_authentication_must_be_chosen() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gozon"))
+        .args(["serve", "--http-addr", "0.0.0.0:8000"])
+        .env_remove("GOZON_AUTH")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let reason: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("refusing"))
+        .collect();
+    assert_eq!(reason.len(), 1, "one line says why: {stderr}");
+    assert!(
+        reason[0].contains("--auth jwt") && reason[0].contains("--auth none"),
+        "{stderr}"
+    );
+    // Chosen explicitly, or on loopback only, `none` starts (and says it is open).
+    let env = TestEnv::new();
+    let mut settings = env.settings();
+    settings.http_addr = "0.0.0.0:0".parse().unwrap();
+    assert!(settings.check_exposure().is_err());
+    settings.auth = Some(AuthMode::None);
+    assert!(settings.check_exposure().is_ok());
+    settings.auth = None;
+    settings.http_addr = "127.0.0.1:0".parse().unwrap();
+    assert!(settings.check_exposure().is_ok());
 }
 
 /// Opens the event stream with `query`; the status, and the stream when it is 200.
@@ -433,11 +511,13 @@ async fn an_event_stream_opens_only_for_the_tickets_own_user() {
     let (status, _, body) =
         open_stream(&app, &[("user_id", "bob"), ("ticket", &alices_ticket)]).await;
     assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")));
-    let (status, _, _) =
-        open_stream(&app, &[("user_id", "bob"), ("access_token", &alices_token)]).await;
-    assert_eq!(status, 403);
     for query in [
         vec![("user_id", "alice")],
+        // A token never goes in a URL: tickets only.
+        vec![
+            ("user_id", "alice"),
+            ("access_token", alices_token.as_str()),
+        ],
         vec![("user_id", "alice"), ("ticket", "forged")],
         // An API token is not a ticket.
         vec![("user_id", "alice"), ("ticket", alices_token.as_str())],
@@ -490,5 +570,97 @@ async fn a_ticket_expires() {
     assert_eq!(
         (status, body["error"].as_str()),
         (401, Some("unauthorized"))
+    );
+}
+
+/// A ticket for `sub` in the shape the server issues, signed with `key` by HS256.
+fn ticket_signed_with(sub: &str, key: &[u8]) -> String {
+    let mut claims = Claims::new(sub, None, Duration::from_secs(60));
+    claims.aud = Some("gozon:events".into());
+    let key = EncodingKey::from_secret(key);
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+}
+
+/// The ticket key of the earlier scheme: SHA-256 of a fixed label and a message key.
+fn earlier_ticket_key(material: &str) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::new()
+        .chain_update(b"gozon event-stream tickets\0")
+        .chain_update(material.as_bytes())
+        .finalize()
+        .to_vec()
+}
+
+#[tokio::test]
+async fn tickets_from_public_or_shared_values_are_refused() {
+    let env = TestEnv::new();
+    let app = spawn(&env, &jwt_settings(&env)).await;
+    let development = gozon::messaging::signing::DEVELOPMENT_KEY;
+    let forged = [
+        (
+            "the development key",
+            ticket_signed_with("alice", development.as_bytes()),
+        ),
+        (
+            "the development key, the earlier way",
+            ticket_signed_with("alice", &earlier_ticket_key(development)),
+        ),
+        (
+            "the message key",
+            ticket_signed_with("alice", MESSAGE_KEY.as_bytes()),
+        ),
+        (
+            "the message key, the earlier way",
+            ticket_signed_with("alice", &earlier_ticket_key(MESSAGE_KEY)),
+        ),
+        (
+            "the JWT secret without the domain separation",
+            ticket_signed_with("alice", SECRET.as_bytes()),
+        ),
+    ];
+    for (made_with, ticket) in &forged {
+        let (status, _, body) =
+            open_stream(&app, &[("user_id", "alice"), ("ticket", ticket)]).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("unauthorized")),
+            "a ticket made with {made_with}"
+        );
+    }
+    // The control: the key the server derives from its secret opens the stream.
+    let derived = gozon::web::auth::ticket_key(SECRET.as_bytes());
+    let (status, _, _) = open_stream(
+        &app,
+        &[
+            ("user_id", "alice"),
+            ("ticket", &ticket_signed_with("alice", &derived)),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_stream_ends_when_its_ticket_expires() {
+    let env = TestEnv::new();
+    let mut settings = jwt_settings(&env);
+    settings.events_ticket_ttl_secs = 2;
+    let app = spawn(&env, &settings).await;
+    let ticket = ticket_for(&app, "alice").await;
+    let opened = Instant::now();
+    let (status, stream, _) = open_stream(&app, &[("user_id", "alice"), ("ticket", &ticket)]).await;
+    assert_eq!(status, 200);
+    let mut stream = stream.unwrap();
+    // The stream's own lifetime is 900 s: it ends at the ticket's `exp` (1-2 s from now, as
+    // `exp` is in whole seconds).
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = stream.chunk().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its ticket");
+    let lasted = opened.elapsed();
+    assert!(
+        lasted >= Duration::from_millis(900) && lasted <= Duration::from_secs(3),
+        "{lasted:?}"
     );
 }

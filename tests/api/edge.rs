@@ -496,3 +496,180 @@ async fn every_response_carries_the_security_headers_and_a_safe_request_id() {
         assert!(!given.is_empty() && given.len() <= 64, "{given}");
     }
 }
+
+/// A POST from the client `forwarded_for` names (as a proxy in front of the app says).
+async fn post_as(
+    app: &TestApp,
+    path: &str,
+    query: &[(&str, &str)],
+    forwarded_for: &str,
+    token: Option<&str>,
+) -> u16 {
+    let mut request = app
+        .client
+        .post(format!("{}{path}", app.address))
+        .query(query)
+        .header("X-Forwarded-For", forwarded_for);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn a_flood_naming_a_victim_does_not_lock_the_victim_out() {
+    let env = TestEnv::new();
+    let secret = "an-edge-test-secret-of-32-bytes-or-more";
+    let app = spawn(&env, Role::All, |s| {
+        s.auth = Some(gozon::app::config::AuthMode::Jwt);
+        s.jwt_secret = Some(secret.into());
+        s.message_key = crate::auth::MESSAGE_KEY.into();
+        s.rate_limit_per_user = 2;
+        s.rate_limit_per_client = 50;
+        s.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let mint = |scope: Option<&str>| {
+        let claims = gozon::web::auth::Claims::new("victim", scope, Duration::from_secs(600));
+        gozon::app::mint_token(&claims, Some(secret), None, None).unwrap()
+    };
+    let (token, top_up) = (mint(None), mint(Some("payments:top_up")));
+    assert_eq!(
+        post_as(
+            &app,
+            "/api/payments/create_account",
+            &[("user_id", "victim")],
+            "198.51.100.200",
+            Some(&token)
+        )
+        .await,
+        201
+    );
+    // 32 clients without a token flood top-ups naming the victim while the victim tops up.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for client in 0..32 {
+        let (app, stop) = (TestApp::at(&app.address), stop.clone());
+        flood.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            let address = format!("203.0.113.{client}");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let query = [("user_id", "victim"), ("amount", "1000")];
+                answers
+                    .push(post_as(&app, "/api/payments/add_funds", &query, &address, None).await);
+            }
+            answers
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut victims = Vec::new();
+    for _ in 0..5 {
+        let query = [("user_id", "victim"), ("amount", "1")];
+        victims.push(
+            post_as(
+                &app,
+                "/api/payments/add_funds",
+                &query,
+                "198.51.100.200",
+                Some(&top_up),
+            )
+            .await,
+        );
+        // Within the victim's own rate (2/s, bursts of 4).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut flooded = Vec::new();
+    for client in flood {
+        flooded.extend(client.await.unwrap());
+    }
+    assert_eq!(
+        victims,
+        vec![200; 5],
+        "the victim's own top-ups all went through"
+    );
+    assert!(flooded.len() > 100, "a flood: {} requests", flooded.len());
+    assert!(
+        flooded.iter().all(|status| [401, 429].contains(status)),
+        "{flooded:?}"
+    );
+    assert!(flooded.contains(&401));
+    let balance = app
+        .client
+        .get(format!(
+            "{}/api/payments/balance?user_id=victim",
+            app.address
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(balance["balance"], "5.00");
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_client_has_its_own_bucket() {
+    let env = TestEnv::new();
+    let limited = |trusted: bool| {
+        move |s: &mut Settings| {
+            s.rate_limit_per_client = 2;
+            if trusted {
+                s.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+            }
+        }
+    };
+    // Client A uses up its bucket (bursts of 4); client B, behind the same proxy, is not held up.
+    let proxied = spawn(&env, Role::All, limited(true)).await;
+    let burst = |app: TestApp, client: &'static str| async move {
+        let mut answers = Vec::new();
+        for i in 0..8 {
+            let user = format!("{client}-{i}");
+            answers.push(
+                post_as(
+                    &app,
+                    "/api/payments/create_account",
+                    &[("user_id", &user)],
+                    client,
+                    None,
+                )
+                .await,
+            );
+        }
+        answers
+    };
+    let a = burst(TestApp::at(&proxied.address), "198.51.100.1").await;
+    assert!(a.contains(&429), "{a:?}");
+    assert_eq!(
+        post_as(
+            &proxied,
+            "/api/payments/create_account",
+            &[("user_id", "b-0")],
+            "198.51.100.2",
+            None
+        )
+        .await,
+        201,
+        "another client behind the proxy has a bucket of its own"
+    );
+    // An untrusted peer's X-Forwarded-For is not believed: every claimed address shares the
+    // peer's bucket.
+    let env = TestEnv::new();
+    let direct = spawn(&env, Role::All, limited(false)).await;
+    let a = burst(TestApp::at(&direct.address), "198.51.100.1").await;
+    assert!(a.contains(&429), "{a:?}");
+    assert_eq!(
+        post_as(
+            &direct,
+            "/api/payments/create_account",
+            &[("user_id", "b-0")],
+            "198.51.100.2",
+            None
+        )
+        .await,
+        429,
+        "a made-up X-Forwarded-For from an untrusted peer changes nothing"
+    );
+}

@@ -155,7 +155,12 @@ impl Drop for TestEnv {
                             .await?;
                     }
                 }
-                for exchange in ["events", "dead-letter"] {
+                for exchange in [
+                    "orders.inbound",
+                    "orders.dead-letter",
+                    "payments.inbound",
+                    "payments.dead-letter",
+                ] {
                     let name = format!("{prefix}.{exchange}");
                     channel
                         .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())

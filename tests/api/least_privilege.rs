@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use gozon::app::cli::Role;
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbErr, RuntimeErr};
 
-use crate::helpers::{POSTGRES, TestEnv, gozon};
+use crate::helpers::{POSTGRES, TestEnv, gozon, scalar_i64};
 
 async fn admin() -> DatabaseConnection {
     Database::connect(format!("{POSTGRES}/postgres"))
@@ -26,6 +26,20 @@ async fn outcome(db: &DatabaseConnection, sql: &str) -> String {
                 text
             }
         }
+    }
+}
+
+/// The SQLSTATE a statement fails with, or None when it succeeds.
+async fn sqlstate(db: &DatabaseConnection, sql: &str) -> Option<String> {
+    let error = db.execute_unprepared(sql).await.err()?;
+    match error {
+        DbErr::Exec(RuntimeErr::SqlxError(error)) | DbErr::Query(RuntimeErr::SqlxError(error)) => {
+            error
+                .as_database_error()
+                .and_then(|error| error.code())
+                .map(|code| code.into_owned())
+        }
+        other => Some(other.to_string()),
     }
 }
 
@@ -111,6 +125,29 @@ async fn each_context_runs_as_its_own_role_and_cannot_touch_the_other_schema() {
         .await;
     assert_eq!(paid.str("status"), "FINISHED");
     assert_eq!(payments.balance("least").await.str("balance"), "30.00");
+
+    // The ledger is append-only and a debit's record is never deleted, even by the role that
+    // writes them: the database refuses (42501, insufficient_privilege), and nothing changes.
+    for sql in [
+        "UPDATE payments.transactions SET amount_minor = 1",
+        "DELETE FROM payments.transactions",
+        "DELETE FROM payments.order_payments",
+        "UPDATE payments.order_refunds SET amount_minor = 1",
+        "DELETE FROM payments.order_refunds",
+        "TRUNCATE payments.transactions",
+    ] {
+        assert_eq!(
+            sqlstate(&payments_db, sql).await.as_deref(),
+            Some("42501"),
+            "{sql}"
+        );
+    }
+    assert_eq!(
+        outcome(&payments_db, "SELECT count(*) FROM payments.transactions").await,
+        "ok"
+    );
+    let ledger_rows = scalar_i64(&payments_db, "SELECT count(*) FROM payments.transactions").await;
+    assert_eq!(ledger_rows, 2, "the top-up and the debit, untouched");
 
     payments.shutdown();
     orders.shutdown();

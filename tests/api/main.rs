@@ -4,6 +4,7 @@
 mod architecture;
 mod audit;
 mod auth;
+mod broker_users;
 mod deployment;
 mod edge;
 mod events;
@@ -11,6 +12,7 @@ mod faults;
 mod fuzz;
 mod helpers;
 mod idempotency;
+mod jwks;
 mod least_privilege;
 mod lifecycle;
 mod metrics;

@@ -107,11 +107,13 @@ async fn channels_closed_by_the_broker_heal_and_the_topology_comes_back() {
             .await
             .unwrap();
     }
-    let events = format!("{}.events", env.prefix);
-    channel
-        .exchange_delete(events.as_str().into(), ExchangeDeleteOptions::default())
-        .await
-        .unwrap();
+    for context in ["orders", "payments"] {
+        let inbound = format!("{}.{context}.inbound", env.prefix);
+        channel
+            .exchange_delete(inbound.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+    }
     connection.close(200, "done".into()).await.unwrap();
 
     // Everything reconnects and re-declares; the saga works again.

@@ -15,7 +15,7 @@ pub async fn wait_for_dead_letters(
     queue: &gozon::messaging::amqp::QueueSpec,
     count: usize,
 ) -> Vec<dlq::DeadLetter> {
-    let broker = app::broker(&env.settings());
+    let broker = app::broker(&env.settings(), Role::All);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let letters = dlq::list(&broker, queue, 100).await.unwrap();
@@ -78,7 +78,7 @@ async fn poison_messages_are_dead_lettered_and_change_nothing() {
     let unsigned = uuid::Uuid::now_v7();
     let body = payment_requested(unsigned, forged_order, "quin", "50.00");
     publish_with_signature(
-        &format!("{}.events", env.prefix),
+        &crate::saga::exchange_for(&env.prefix, "payment.requested.v1"),
         "payment.requested.v1",
         &unsigned.to_string(),
         &body,
@@ -89,7 +89,7 @@ async fn poison_messages_are_dead_lettered_and_change_nothing() {
     let body = payment_requested(forged, forged_order, "quin", "50.00");
     let wrong_key = gozon::messaging::signing::MessageKey::new("not-the-key").sign(&body);
     publish_with_signature(
-        &format!("{}.events", env.prefix),
+        &crate::saga::exchange_for(&env.prefix, "payment.requested.v1"),
         "payment.requested.v1",
         &forged.to_string(),
         &body,
@@ -156,7 +156,7 @@ async fn a_replayed_dead_letter_is_handled_again() {
     let env = TestEnv::new();
     let app = env.spawn(Role::Payments).await;
     app.funded_account("rue", "100").await;
-    let broker = app::broker(&env.settings());
+    let broker = app::broker(&env.settings(), Role::Payments);
     let queue = broker.queue_name(&payments::PAYMENT_REQUESTS);
 
     // A valid request parked in the DLQ (as if an earlier outage had exhausted its deliveries),
@@ -208,7 +208,7 @@ async fn a_replayed_dead_letter_is_handled_again() {
 }
 
 async fn publish_to_dead_letter_exchange(prefix: &str, queue: &str, message_id: &str, body: &[u8]) {
-    let exchange = format!("{prefix}.dead-letter");
+    let exchange = format!("{prefix}.payments.dead-letter");
     publish_with_signature(&exchange, queue, message_id, body, Some(&sign(body))).await;
 }
 

@@ -32,7 +32,7 @@ async fn request(env: &TestEnv, user: &str, amount: &str, signer: &str, key_id: 
         (signing::HEADER, signature.as_str()),
         (signing::KEY_ID_HEADER, key_id),
     ];
-    let exchange = format!("{}.events", env.prefix);
+    let exchange = crate::saga::exchange_for(&env.prefix, "payment.requested.v1");
     let id = message_id.to_string();
     publish_with_headers(&exchange, "payment.requested.v1", &id, &body, &headers).await;
     id
@@ -91,7 +91,7 @@ async fn a_dead_letter_signed_with_the_old_key_is_applied_when_replayed_after_th
     let settings = keys(&env, NEW, &[OLD]);
     let app = env.spawn_with(&settings, Role::Payments).await;
     app.wait_until_ready().await;
-    let broker = app::broker(&settings);
+    let broker = app::broker(&settings, Role::Payments);
     let replayed = dlq::replay(&broker, &payments::PAYMENT_REQUESTS, 10, Some(&parked))
         .await
         .unwrap();

@@ -96,8 +96,21 @@ async fn fifty_concurrent_orders_against_a_hundred_pay_exactly_ten() {
 
 /// Publishes `body` straight onto the test's events exchange, signed with the key the test
 /// apps use, as a peer with the key (or a misbehaving one) would.
+/// The exchange a message of `message_type` is published to: the inbound exchange of the
+/// context that consumes it.
+pub fn exchange_for(prefix: &str, message_type: &str) -> String {
+    let owner = if message_type.starts_with("payment.requested")
+        || message_type.starts_with("refund.requested")
+    {
+        "payments"
+    } else {
+        "orders"
+    };
+    format!("{prefix}.{owner}.inbound")
+}
+
 pub async fn publish_raw(prefix: &str, routing_key: &str, message_id: &str, body: &[u8]) {
-    let exchange = format!("{prefix}.events");
+    let exchange = exchange_for(prefix, routing_key);
     let signature = sign(body);
     publish_with_signature(&exchange, routing_key, message_id, body, Some(&signature)).await;
 }
