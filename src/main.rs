@@ -81,6 +81,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
+        Command::BrokerPermissions {
+            context,
+            amqp_prefix,
+        } => {
+            let rights = app::broker_permissions(context, &amqp_prefix);
+            println!("{}\t{}\t{}", rights.configure, rights.write, rights.read);
+            Ok(())
+        }
         Command::Openapi { output } => routes::write_openapi(output.as_deref()),
     }
 }

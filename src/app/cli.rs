@@ -85,6 +85,14 @@ pub enum Command {
         #[arg(long, env = "GOZON_JWT_PRIVATE_KEY")]
         jwt_private_key: Option<PathBuf>,
     },
+    /// Print the RabbitMQ rights a context's broker user needs (configure, write and read
+    /// regular expressions, tab separated), for `rabbitmqctl set_permissions`.
+    BrokerPermissions {
+        #[arg(long, value_enum)]
+        context: DlqQueue,
+        #[arg(long, env = "GOZON_AMQP_PREFIX", default_value = "gozon")]
+        amqp_prefix: String,
+    },
     /// Print the OpenAPI spec as YAML (what `openapi.yaml` holds), or write it to a file.
     Openapi {
         #[arg(long)]

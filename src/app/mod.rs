@@ -253,6 +253,15 @@ pub fn mint_token(
     Ok(jsonwebtoken::encode(&header, claims, &key)?)
 }
 
+/// `gozon broker-permissions`: the rights of `context`'s broker user.
+pub fn broker_permissions(context: DlqQueue, prefix: &str) -> crate::messaging::amqp::Permissions {
+    let (own, peer) = match context {
+        DlqQueue::Orders => (&contexts::ORDERS, &contexts::PAYMENTS),
+        DlqQueue::Payments => (&contexts::PAYMENTS, &contexts::ORDERS),
+    };
+    crate::messaging::amqp::permissions(prefix, own.name, &[peer.name])
+}
+
 /// `gozon dlq list|replay`: prints one line per dead letter.
 pub async fn dead_letters(action: DlqAction) -> anyhow::Result<()> {
     let queue_of = |queue: DlqQueue| -> (&'static BoundedContext, Role) {

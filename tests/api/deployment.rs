@@ -116,6 +116,10 @@ fn the_kubernetes_base_holds_together() {
                 "RabbitmqCluster" => {
                     secrets.insert(format!("{name}-default-user"));
                 }
+                // The messaging topology operator writes each User's credentials here.
+                "User" => {
+                    secrets.insert(format!("{name}-user-credentials"));
+                }
                 "Deployment" => pods.push((name.clone(), document["spec"]["template"].clone())),
                 _ => {}
             }
@@ -131,6 +135,9 @@ fn the_kubernetes_base_holds_together() {
         "ConfigMap",
         "RabbitmqCluster",
         "Cluster",
+        "NetworkPolicy",
+        "User",
+        "Permission",
     ] {
         assert!(kinds.contains(needed), "no {needed}");
     }
@@ -248,4 +255,166 @@ fn the_monitoring_component_carries_the_alert_rules() {
         .unwrap();
     let orders = std::fs::read_to_string(base().join("orders.yaml")).unwrap();
     assert!(orders.contains(&format!("- name: {port}")), "port {port}");
+}
+
+/// Every document of the base, by kind and name.
+fn base_documents() -> Vec<serde_yaml::Value> {
+    let kustomization = &documents(&base().join("kustomization.yaml"))[0];
+    strings(&kustomization["resources"])
+        .iter()
+        .flat_map(|file| documents(&base().join(file)))
+        .collect()
+}
+
+fn find<'a>(docs: &'a [serde_yaml::Value], kind: &str, name: &str) -> &'a serde_yaml::Value {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// The environment a Deployment's gozon container gets: its own variables and the ConfigMap's.
+fn serving_env(docs: &[serde_yaml::Value], deployment: &str) -> Vec<(String, serde_yaml::Value)> {
+    let pod = &find(docs, "Deployment", deployment)["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let mut env: Vec<(String, serde_yaml::Value)> = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap().to_owned(), v.clone()))
+        .collect();
+    let config = &find(docs, "ConfigMap", "gozon-config")["data"];
+    for (key, value) in config.as_mapping().unwrap() {
+        env.push((key.as_str().unwrap().to_owned(), value.clone()));
+    }
+    env
+}
+
+#[test]
+fn the_kubernetes_base_authenticates_and_grants_the_least() {
+    let docs = base_documents();
+    // jwt mode against an identity provider, with issuer and audience, for both roles; tokens
+    // are checked by settings gozon accepts (the ConfigMap's values, as gozon parses them).
+    let config = &find(&docs, "ConfigMap", "gozon-config")["data"];
+    assert_eq!(config["GOZON_AUTH"], "jwt");
+    let mut args = vec!["gozon".to_owned(), "serve".to_owned()];
+    for (flag, key) in [
+        ("--jwt-jwks-url", "GOZON_JWT_JWKS_URL"),
+        ("--jwt-issuer", "GOZON_JWT_ISSUER"),
+        ("--jwt-audience", "GOZON_JWT_AUDIENCE"),
+        ("--jwt-max-ttl", "GOZON_JWT_MAX_TTL"),
+        ("--trusted-proxies", "GOZON_TRUSTED_PROXIES"),
+    ] {
+        let value = config[key].as_str().unwrap_or_else(|| panic!("no {key}"));
+        args.extend([flag.to_owned(), value.to_owned()]);
+    }
+    args.extend([
+        "--auth".into(),
+        "jwt".into(),
+        "--message-key".into(),
+        "k".repeat(40),
+    ]);
+    args.extend(["--events-ticket-key".into(), "t".repeat(40)]);
+    let cli = Cli::try_parse_from(&args).unwrap();
+    let gozon::app::cli::Command::Serve { settings, .. } = cli.command else {
+        unreachable!()
+    };
+    assert!(settings.authenticator(true).is_ok());
+    assert!(settings.jwt_jwks_url.unwrap().starts_with("https://"));
+    for role in ["orders", "payments"] {
+        let env = serving_env(&docs, role);
+        let names: Vec<&str> = env.iter().map(|(name, _)| name.as_str()).collect();
+        assert!(
+            !names.contains(&"GOZON_JWT_SECRET"),
+            "{role}: public keys only"
+        );
+        // The ticket key is the orders role's alone.
+        assert_eq!(
+            names.contains(&"GOZON_EVENTS_TICKET_KEY"),
+            role == "orders",
+            "{role}"
+        );
+        // Its own broker user, not the operator's administrator.
+        let amqp_user = env.iter().find(|(name, _)| name == "AMQP_USER").unwrap();
+        assert_eq!(
+            amqp_user.1["valueFrom"]["secretKeyRef"]["name"],
+            format!("gozon-{role}-user-credentials").as_str()
+        );
+    }
+    // Each broker user has exactly the rights gozon documents for its role.
+    let prefix = config["GOZON_AMQP_PREFIX"].as_str().unwrap();
+    for (role, peer) in [("orders", "payments"), ("payments", "orders")] {
+        let permission = &find(&docs, "Permission", &format!("gozon-{role}"))["spec"];
+        let wanted = gozon::messaging::amqp::permissions(prefix, role, &[peer]);
+        assert_eq!(
+            permission["userReference"]["name"],
+            format!("gozon-{role}").as_str()
+        );
+        assert_eq!(
+            permission["permissions"]["configure"],
+            wanted.configure.as_str()
+        );
+        assert_eq!(permission["permissions"]["write"], wanted.write.as_str());
+        assert_eq!(permission["permissions"]["read"], wanted.read.as_str());
+    }
+    // TLS at the Ingress, for the host it routes.
+    let ingress = &find(&docs, "Ingress", "gozon")["spec"];
+    assert_eq!(ingress["tls"][0]["hosts"][0], ingress["rules"][0]["host"]);
+    assert!(ingress["tls"][0]["secretName"].is_string());
+    // Default deny, both ways, for every pod.
+    let deny = &find(&docs, "NetworkPolicy", "default-deny")["spec"];
+    assert_eq!(
+        deny["podSelector"],
+        serde_yaml::Value::Mapping(Default::default())
+    );
+    assert_eq!(strings(&deny["policyTypes"]), ["Ingress", "Egress"]);
+    assert!(deny["ingress"].is_null() && deny["egress"].is_null());
+    // The roles take their API from the gateway only.
+    for role in ["orders", "payments"] {
+        let policy = &find(&docs, "NetworkPolicy", role)["spec"];
+        let from = &policy["ingress"][0]["from"];
+        assert_eq!(from.as_sequence().unwrap().len(), 1);
+        assert_eq!(
+            from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+            "gateway"
+        );
+    }
+    // nginx unprivileged, with a read-only root and no capabilities.
+    let gateway = &find(&docs, "Deployment", "gateway")["spec"]["template"]["spec"];
+    let nginx = &gateway["containers"][0]["securityContext"];
+    assert_eq!(nginx["runAsNonRoot"], true);
+    assert_eq!(nginx["readOnlyRootFilesystem"], true);
+    assert_eq!(nginx["allowPrivilegeEscalation"], false);
+    assert_eq!(strings(&nginx["capabilities"]["drop"]), ["ALL"]);
+    assert!(nginx["runAsUser"].as_u64().is_some_and(|uid| uid > 0));
+}
+
+#[test]
+fn the_compose_broker_grants_each_role_what_gozon_documents() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = std::fs::read_to_string(root.join("deploy/rabbitmq/with-users.sh")).unwrap();
+    // In the script's unquoted heredoc of JSON, a regex's backslash is written four times and
+    // its `$` escaped.
+    let as_written = |regex: &str| regex.replace('\\', "\\\\\\\\").replace('$', "\\$");
+    for (role, peer) in [("orders", "payments"), ("payments", "orders")] {
+        let wanted = gozon::messaging::amqp::permissions("gozon", role, &[peer]);
+        let block = script
+            .split("{\"user\": ")
+            .find(|block| block.starts_with(&format!("\"gozon-{role}\"")))
+            .unwrap_or_else(|| panic!("no permissions for gozon-{role}"));
+        for (right, regex) in [
+            ("configure", &wanted.configure),
+            ("write", &wanted.write),
+            ("read", &wanted.read),
+        ] {
+            let line = format!("\"{right}\": \"{}\"", as_written(regex));
+            assert!(block.contains(&line), "gozon-{role}: {line} in {block}");
+        }
+    }
+    let (code, out) = crate::helpers::gozon(&["broker-permissions", "--context", "orders"]);
+    assert_eq!(code, Some(0));
+    let wanted = gozon::messaging::amqp::permissions("gozon", "orders", &["payments"]);
+    assert_eq!(
+        out.trim_end(),
+        format!("{}\t{}\t{}", wanted.configure, wanted.write, wanted.read)
+    );
 }
