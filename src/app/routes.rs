@@ -68,11 +68,14 @@ fn allowed_methods() -> HashMap<String, String> {
     paths
         .into_iter()
         .map(|(path, operations)| {
-            let methods = operations.as_object().map_or_else(Vec::new, |ops| {
+            let mut methods = operations.as_object().map_or_else(Vec::new, |ops| {
                 ops.keys()
                     .map(|method| method.to_ascii_uppercase())
-                    .collect()
+                    .collect::<Vec<_>>()
             });
+            if methods.iter().any(|method| method == "GET") {
+                methods.push("HEAD".to_owned());
+            }
             (path, methods.join(", "))
         })
         .collect()
@@ -172,6 +175,11 @@ async fn at_the_door<E: Endpoint>(
     edge::drop_unsafe_request_id(&mut request);
     let path = request.uri().path().to_owned();
     let method = request.method().as_str().to_owned();
+    // RFC 9110: a resource that answers GET answers HEAD. It is routed as the GET; the server
+    // sends its status and headers and no body (hyper knows the request was a HEAD).
+    if request.method() == poem::http::Method::HEAD {
+        request.set_method(poem::http::Method::GET);
+    }
     let started = std::time::Instant::now();
     let mut response = match ep.call(request).await {
         Ok(response) => response.into_response(),

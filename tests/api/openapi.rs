@@ -102,6 +102,48 @@ async fn a_405_says_which_methods_are_allowed() {
             response.status().as_u16(),
             response.headers()["allow"].to_str().unwrap()
         ),
-        (405, "GET")
+        (405, "GET, HEAD")
     );
+}
+
+#[tokio::test]
+async fn every_get_route_and_static_file_answers_head_as_get_without_a_body() {
+    let app = spawn_app().await;
+    app.funded_account("hedda", "10").await;
+    let order = app.create_order("hedda", "1").await;
+    let order_id = order.str("id").to_owned();
+    let paths = [
+        "/".to_owned(),
+        "/index.html".to_owned(),
+        "/app.js".to_owned(),
+        "/docs".to_owned(),
+        "/openapi.json".to_owned(),
+        "/health/live".to_owned(),
+        "/health/ready".to_owned(),
+        "/metrics".to_owned(),
+        "/api/payments/balance?user_id=hedda".to_owned(),
+        "/api/payments/transactions?user_id=hedda".to_owned(),
+        format!("/api/orders/order?id={order_id}"),
+        "/api/orders/orders?user_id=hedda".to_owned(),
+        "/api/orders/order?id=nonsense".to_owned(),
+        "/nothing-here.js".to_owned(),
+    ];
+    for path in &paths {
+        let url = format!("{}{path}", app.address);
+        let get = app.client.get(&url).send().await.unwrap();
+        let (status, content_type) = (get.status(), get.headers().get("content-type").cloned());
+        let head = app.client.head(&url).send().await.unwrap();
+        assert_eq!(head.status(), status, "HEAD {path}");
+        assert_eq!(head.headers().get("content-type"), content_type.as_ref(), "HEAD {path}");
+        assert!(head.bytes().await.unwrap().is_empty(), "HEAD {path} has no body");
+    }
+    // The event stream too: its headers at once, no stream.
+    let head = app
+        .client
+        .head(format!("{}/api/orders/events?user_id=hedda", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-type"], "text/event-stream");
 }
