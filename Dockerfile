@@ -10,12 +10,12 @@ RUN mkdir -p src migrations/src bench/src benches tests/api \
  && echo 'fn main() {}' > src/main.rs && touch src/lib.rs migrations/src/lib.rs \
  && echo 'fn main() {}' > bench/src/main.rs \
  && echo 'fn main() {}' > benches/saga_latency.rs && echo 'fn main() {}' > tests/api/main.rs \
- && cargo build --release --locked --bin gozon \
+ && cargo build --profile dist --locked --bin gozon \
  && rm -rf src migrations/src
 COPY src src
 COPY migrations/src migrations/src
 RUN touch src/main.rs src/lib.rs migrations/src/lib.rs \
- && cargo build --release --locked --bin gozon
+ && cargo build --profile dist --locked --bin gozon
 
 # Run: a small Debian with the binary and the web page, as an unprivileged user.
 FROM debian:bookworm-slim
@@ -24,7 +24,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin gozon
 WORKDIR /app
-COPY --from=build /src/target/release/gozon /usr/local/bin/gozon
+COPY --from=build /src/target/dist/gozon /usr/local/bin/gozon
 COPY static /app/static
 USER gozon
 ENV GOZON_HTTP_ADDR=0.0.0.0:8000 \
