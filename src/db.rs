@@ -9,17 +9,48 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbE
 
 use crate::ops::telemetry::mask_password;
 
-/// How many connections a pool holds: at most `max`, and `min` kept open from the start.
+/// How many connections a pool holds (at most `max`, and `min` kept open from the start), how
+/// long a connection may take to open, and the limits each session runs under.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolSize {
     pub max: u32,
     pub min: u32,
+    pub connect_timeout: Duration,
+    pub session: Option<SessionLimits>,
+}
+
+/// What bounds a serving session, so a vanished client or server is given up soon, whichever
+/// side vanished: the server ends a statement after `statement_timeout`, and a transaction left
+/// idle after `idle_in_transaction` (releasing its locks), and probes a silent client with TCP
+/// keepalives after `keepalive_idle`. (sqlx sets no keepalive on its own sockets: Gozon's side
+/// bounds each transaction instead, see [`PoolSize::operation_timeout`].)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionLimits {
+    pub statement_timeout: Duration,
+    pub idle_in_transaction: Duration,
+    pub keepalive_idle: Duration,
 }
 
 impl PoolSize {
-    /// For a tool's few queries: connections opened as needed.
+    /// For a tool's few queries: connections opened as needed, no session limits (a migration
+    /// or an audit may take long).
     pub const fn on_demand(max: u32) -> PoolSize {
-        PoolSize { max, min: 1 }
+        PoolSize {
+            max,
+            min: 1,
+            connect_timeout: Duration::from_secs(5),
+            session: None,
+        }
+    }
+
+    /// How long Gozon itself lets one unit of database work (a transaction of a consumer, a
+    /// relay batch, a chore) take before it drops it, its connection with it: a little more than
+    /// the server's own statement timeout, so a server that vanished without a word (a host
+    /// that never returns, the old primary after a failover) holds nothing for long.
+    pub fn operation_timeout(&self) -> Duration {
+        self.session.map_or(Duration::from_secs(60), |limits| {
+            limits.statement_timeout + Duration::from_secs(2)
+        })
     }
 }
 
@@ -36,9 +67,24 @@ pub async fn connect_existing(url: &str, size: PoolSize) -> Result<DatabaseConne
     options
         .max_connections(size.max)
         .min_connections(size.min.clamp(1, size.max))
-        .connect_timeout(Duration::from_secs(5))
-        .acquire_timeout(Duration::from_secs(5))
+        .connect_timeout(size.connect_timeout)
+        .acquire_timeout(size.connect_timeout)
         .sqlx_logging(false);
+    if let Some(limits) = size.session {
+        let millis = |d: Duration| d.as_millis().to_string();
+        let keepalive = limits.keepalive_idle.as_secs().max(1);
+        let session = [
+            ("statement_timeout", millis(limits.statement_timeout)),
+            (
+                "idle_in_transaction_session_timeout",
+                millis(limits.idle_in_transaction),
+            ),
+            ("tcp_keepalives_idle", keepalive.to_string()),
+            ("tcp_keepalives_interval", keepalive.div_ceil(2).to_string()),
+            ("tcp_keepalives_count", "3".to_owned()),
+        ];
+        options.map_sqlx_postgres_opts(move |opts| opts.options(session.clone()));
+    }
     Database::connect(options).await
 }
 
@@ -141,6 +187,23 @@ pub fn is_unavailable(error: &DbErr) -> bool {
                 _ => false,
             }
         }
+        _ => false,
+    }
+}
+
+/// Whether the server answered and refused us for good: a wrong password or role (class 28), or
+/// a database that does not exist (3D000). Waiting would not help.
+pub fn is_refusal(error: &DbErr) -> bool {
+    let inner = match error {
+        DbErr::Conn(RuntimeErr::SqlxError(error))
+        | DbErr::Exec(RuntimeErr::SqlxError(error))
+        | DbErr::Query(RuntimeErr::SqlxError(error)) => error.as_ref(),
+        _ => return false,
+    };
+    match inner {
+        sqlx::Error::Database(error) => error
+            .code()
+            .is_some_and(|code| code.starts_with("28") || code == "3D000"),
         _ => false,
     }
 }

@@ -11,8 +11,10 @@ use clap::{Args, ValueEnum};
 use ipnet::IpNet;
 use jsonwebtoken::{Algorithm, DecodingKey};
 
-use crate::db::PoolSize;
-use crate::messaging::amqp::BrokerSettings;
+use crate::db::{PoolSize, SessionLimits};
+use std::str::FromStr as _;
+
+use crate::messaging::amqp::{BrokerNode, BrokerSettings};
 use crate::messaging::consumer::ConsumerSettings;
 use crate::messaging::outbox::{HousekeepingSettings, RelaySettings};
 use crate::messaging::signing::{self, Keyring, MessageKey};
@@ -46,9 +48,55 @@ pub struct Settings {
     #[arg(long, env = "GOZON_DB_MIN_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub db_min_connections: Option<u32>,
 
-    /// RabbitMQ URL.
+    /// Seconds a connection to PostgreSQL may take to open (and a request to wait for one).
+    #[arg(long, env = "GOZON_DB_CONNECT_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub db_connect_timeout_secs: u64,
+
+    /// Milliseconds a statement of a serving session may run (PostgreSQL's statement_timeout);
+    /// Gozon itself gives a unit of database work 2 s more before it drops it.
+    #[arg(long, env = "GOZON_DB_STATEMENT_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub db_statement_timeout_ms: u64,
+
+    /// Milliseconds a serving session may sit idle inside a transaction before the server ends
+    /// it (idle_in_transaction_session_timeout): a client gone mid-transaction releases its
+    /// locks. Longer than a relay's wait for broker confirms.
+    #[arg(long, env = "GOZON_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1_000..))]
+    pub db_idle_in_transaction_timeout_ms: u64,
+
+    /// Seconds of silence after which the server probes a serving session's client with TCP
+    /// keepalives (three probes, half this apart).
+    #[arg(long, env = "GOZON_DB_KEEPALIVE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub db_keepalive_secs: u64,
+
+    /// RabbitMQ: one URL, several comma separated (one per node of a cluster), or one URL with
+    /// several hosts (`amqp://user:pass@node1:5672,node2:5672,node3:5672/%2f`). Each
+    /// connection starts at the node this instance prefers and moves to the next on failure.
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
     pub amqp_url: String,
+
+    /// Seconds between AMQP heartbeats (0: off). A connection that hears nothing for two of
+    /// them is given up, so a node that vanishes silently is noticed.
+    #[arg(long, env = "GOZON_AMQP_HEARTBEAT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u16).range(0..=600))]
+    pub amqp_heartbeat_secs: u16,
+
+    /// Milliseconds a connection attempt to one broker node may take before the next node is
+    /// tried.
+    #[arg(long, env = "GOZON_AMQP_CONNECT_TIMEOUT_MS", default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub amqp_connect_timeout_ms: u64,
+
+    /// Members of each quorum queue at its creation (capped by the cluster's size).
+    #[arg(long, env = "GOZON_AMQP_QUORUM_SIZE", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+    pub amqp_quorum_size: u16,
+
+    /// Where a new quorum queue's leader goes: `least-leaders` spreads the queues' leaders over
+    /// the nodes (RabbitMQ 3.10-3.12; 3.13+ reads it as `balanced`), `client-local` puts it on
+    /// the declaring connection's node.
+    #[arg(
+        long,
+        env = "GOZON_AMQP_LEADER_LOCATOR",
+        default_value = "least-leaders"
+    )]
+    pub amqp_leader_locator: String,
 
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "GOZON_AMQP_PREFIX", default_value = "gozon")]
@@ -243,6 +291,45 @@ pub enum AuthMode {
     Jwt,
 }
 
+/// The broker nodes `amqp_url` names, one URL each, with `heartbeat` asked for unless the URL
+/// asks for its own: comma separated URLs, or one URL whose authority lists several hosts.
+pub fn broker_nodes(amqp_url: &str, heartbeat: u16) -> anyhow::Result<Vec<BrokerNode>> {
+    let pieces: Vec<&str> = amqp_url.split(',').map(str::trim).collect();
+    let is_url = |piece: &str| piece.starts_with("amqp://") || piece.starts_with("amqps://");
+    let urls: Vec<String> = if pieces.iter().all(|piece| is_url(piece)) {
+        pieces.iter().map(|piece| piece.to_string()).collect()
+    } else {
+        // One URL, several hosts: scheme://[user@]host1,host2,.../vhost?query
+        let (scheme, rest) = amqp_url
+            .split_once("://")
+            .ok_or_else(|| anyhow::anyhow!("AMQP_URL must start with amqp:// or amqps://"))?;
+        let path_at = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(path_at);
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
+            None => (String::new(), authority),
+        };
+        hosts
+            .split(',')
+            .map(|host| format!("{scheme}://{userinfo}{}{path}", host.trim()))
+            .collect()
+    };
+    urls.into_iter()
+        .map(|url| {
+            let parsed = lapin::uri::AMQPUri::from_str(&url)
+                .map_err(|error| anyhow::anyhow!("{}: {error}", mask_password(&url)))?;
+            let label = format!("{}:{}", parsed.authority.host, parsed.authority.port);
+            let url = if url.contains("heartbeat=") {
+                url
+            } else {
+                let separator = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{separator}heartbeat={heartbeat}")
+            };
+            Ok(BrokerNode { url, label })
+        })
+        .collect()
+}
+
 /// A CIDR range, or a single address (a /32 or /128).
 fn parse_cidr(text: &str) -> Result<IpNet, String> {
     let text = text.trim();
@@ -411,15 +498,19 @@ impl Settings {
         Ok(())
     }
 
-    pub fn broker(&self) -> BrokerSettings {
-        BrokerSettings {
-            url: self.amqp_url.clone(),
+    pub fn broker(&self) -> anyhow::Result<BrokerSettings> {
+        let nodes = broker_nodes(&self.amqp_url, self.amqp_heartbeat_secs)?;
+        Ok(BrokerSettings {
+            nodes,
+            connect_timeout: Duration::from_millis(self.amqp_connect_timeout_ms),
+            quorum_size: self.amqp_quorum_size,
+            leader_locator: self.amqp_leader_locator.clone(),
             prefix: self.amqp_prefix.clone(),
             delivery_limit: self.delivery_limit,
             queue_expires: self.queue_expires_secs.map(Duration::from_secs),
             io_timeout: Duration::from_millis(self.amqp_timeout_ms),
             keyring: self.keyring(),
-        }
+        })
     }
 
     pub fn db_pool(&self) -> PoolSize {
@@ -429,6 +520,12 @@ impl Settings {
                 .db_min_connections
                 .unwrap_or(self.db_max_connections)
                 .min(self.db_max_connections),
+            connect_timeout: Duration::from_secs(self.db_connect_timeout_secs),
+            session: Some(SessionLimits {
+                statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
+                idle_in_transaction: Duration::from_millis(self.db_idle_in_transaction_timeout_ms),
+                keepalive_idle: Duration::from_secs(self.db_keepalive_secs),
+            }),
         }
     }
 
@@ -436,6 +533,7 @@ impl Settings {
         RelaySettings {
             poll_interval: Duration::from_millis(self.outbox_poll_ms),
             batch_size: self.outbox_batch,
+            db_timeout: self.db_pool().operation_timeout(),
         }
     }
 
@@ -453,6 +551,7 @@ impl Settings {
         ConsumerSettings {
             prefetch: self.prefetch.max(self.consumer_concurrency),
             concurrency: usize::from(self.consumer_concurrency),
+            db_timeout: self.db_pool().operation_timeout(),
         }
     }
 }
@@ -464,7 +563,18 @@ impl fmt::Debug for Settings {
             .field("skip_migrations", &self.skip_migrations)
             .field("db_max_connections", &self.db_max_connections)
             .field("db_min_connections", &self.db_min_connections)
+            .field("db_connect_timeout_secs", &self.db_connect_timeout_secs)
+            .field("db_statement_timeout_ms", &self.db_statement_timeout_ms)
+            .field(
+                "db_idle_in_transaction_timeout_ms",
+                &self.db_idle_in_transaction_timeout_ms,
+            )
+            .field("db_keepalive_secs", &self.db_keepalive_secs)
             .field("amqp_url", &mask_password(&self.amqp_url))
+            .field("amqp_heartbeat_secs", &self.amqp_heartbeat_secs)
+            .field("amqp_connect_timeout_ms", &self.amqp_connect_timeout_ms)
+            .field("amqp_quorum_size", &self.amqp_quorum_size)
+            .field("amqp_leader_locator", &self.amqp_leader_locator)
             .field("amqp_prefix", &self.amqp_prefix)
             .field("message_key", &self.keyring().current().id())
             .field("message_key_previous", &self.message_key_previous.len())
@@ -513,5 +623,54 @@ impl fmt::Debug for Settings {
             )
             .field("events_max_stream_secs", &self.events_max_stream_secs)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn urls(nodes: &[BrokerNode]) -> Vec<(&str, &str)> {
+        nodes
+            .iter()
+            .map(|node| (node.url.as_str(), node.label.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn a_broker_url_names_one_node_or_several() {
+        let one = broker_nodes("amqp://u:p@h1:5672/%2f", 10).unwrap();
+        assert_eq!(
+            urls(&one),
+            [("amqp://u:p@h1:5672/%2f?heartbeat=10", "h1:5672")]
+        );
+        let listed = broker_nodes(
+            "amqp://u:p@h1:5672/%2f, amqp://u:p@h2:5673/%2f?heartbeat=3",
+            10,
+        )
+        .unwrap();
+        assert_eq!(
+            urls(&listed),
+            [
+                ("amqp://u:p@h1:5672/%2f?heartbeat=10", "h1:5672"),
+                ("amqp://u:p@h2:5673/%2f?heartbeat=3", "h2:5673")
+            ]
+        );
+        let hosts = broker_nodes("amqp://u:p@h1:5672,h2,h3:5674/%2f?frame_max=8192", 5).unwrap();
+        assert_eq!(
+            urls(&hosts),
+            [
+                (
+                    "amqp://u:p@h1:5672/%2f?frame_max=8192&heartbeat=5",
+                    "h1:5672"
+                ),
+                ("amqp://u:p@h2/%2f?frame_max=8192&heartbeat=5", "h2:5672"),
+                (
+                    "amqp://u:p@h3:5674/%2f?frame_max=8192&heartbeat=5",
+                    "h3:5674"
+                )
+            ]
+        );
+        assert!(broker_nodes("h1,h2", 10).is_err());
     }
 }

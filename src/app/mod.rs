@@ -47,12 +47,32 @@ pub async fn connect_and_migrate(
     role: Role,
 ) -> anyhow::Result<DatabaseConnection> {
     let (url, pool) = (&settings.database_url, settings.db_pool());
-    let connected = if settings.skip_migrations {
-        db::connect_existing(url, pool).await
-    } else {
-        db::connect(url, pool).await
+    // A database that does not answer yet (starting, or slow to resolve) is waited for with
+    // backoff, saying so now and then; one that refuses (a wrong password, no such database
+    // with --skip-migrations) ends the start.
+    let mut delays = crate::kernel::backoff::Delays::new();
+    let (mut attempts, mut said) = (0u32, std::time::Instant::now());
+    let db = loop {
+        let connected = if settings.skip_migrations {
+            db::connect_existing(url, pool).await
+        } else {
+            db::connect(url, pool).await
+        };
+        match connected {
+            Ok(db) => break db,
+            Err(error) if db::is_unavailable(&error) && !db::is_refusal(&error) => {
+                attempts += 1;
+                if attempts == 1 || said.elapsed() >= Duration::from_secs(15) {
+                    said = std::time::Instant::now();
+                    tracing::warn!(database = %mask_password(url), attempts, %error, "the database does not answer yet; waiting");
+                }
+                tokio::time::sleep(delays.next_delay()).await;
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("connecting to {}", mask_password(url)));
+            }
+        }
     };
-    let db = connected.with_context(|| format!("connecting to {}", mask_password(url)))?;
     if settings.skip_migrations {
         return Ok(db);
     }
@@ -93,10 +113,14 @@ pub async fn migrate(
 
 /// The broker as `role` uses it: every queue of the system is known (where messages go), the
 /// role's own are declared (see [`Broker::new`]).
-pub fn broker(settings: &Settings, role: Role) -> Broker {
+pub fn broker(settings: &Settings, role: Role) -> anyhow::Result<Broker> {
     let queues = contexts::ALL.iter().map(|context| context.consumes);
     let owned = role.contexts().into_iter().map(|context| context.consumes);
-    Broker::new(settings.broker(), queues.collect(), owned.collect())
+    Ok(Broker::new(
+        settings.broker()?,
+        queues.collect(),
+        owned.collect(),
+    ))
 }
 
 impl Application {
@@ -109,7 +133,7 @@ impl Application {
         let authenticator = settings.authenticator(role != Role::Payments)?;
         let db = connect_and_migrate(settings, role).await?;
         let metrics = Metrics::default();
-        let broker = broker(settings, role).with_metrics(metrics.clone());
+        let broker = broker(settings, role)?.with_metrics(metrics.clone());
         let shutdown = CancellationToken::new();
         let mut workers = Workers {
             tasks: JoinSet::new(),
@@ -278,7 +302,7 @@ pub async fn dead_letters(action: DlqAction) -> anyhow::Result<()> {
         } => {
             let (context, role) = queue_of(queue);
             (
-                dlq::list(&broker(&settings, role), &context.consumes, limit).await?,
+                dlq::list(&broker(&settings, role)?, &context.consumes, limit).await?,
                 "dead letter",
             )
         }
@@ -289,7 +313,7 @@ pub async fn dead_letters(action: DlqAction) -> anyhow::Result<()> {
             settings,
         } => {
             let (context, role) = queue_of(queue);
-            let (broker, queue) = (broker(&settings, role), context.consumes);
+            let (broker, queue) = (broker(&settings, role)?, context.consumes);
             let replayed = dlq::replay(&broker, &queue, limit, message_id.as_deref()).await?;
             (replayed, "replayed")
         }

@@ -288,25 +288,56 @@ pub struct Observed {
 }
 
 /// Ready when the database answers and every relay and consumer of this process is connected
-/// to the broker.
+/// to the broker (on a connection that still hears from its node). The answer names the node
+/// each of them uses, or which are not connected and since when.
 #[handler]
 async fn ready(observed: poem::web::Data<&Observed>) -> Response {
+    let broker: serde_json::Map<String, serde_json::Value> = observed
+        .links
+        .states()
+        .into_iter()
+        .map(|state| {
+            (
+                state.task,
+                state.node.map_or(serde_json::Value::Null, Into::into),
+            )
+        })
+        .collect();
     match readiness(&observed).await {
-        Ok(()) => PoemJson(serde_json::json!({"status": "ok"})).into_response(),
+        Ok(()) => PoemJson(serde_json::json!({"status": "ok", "broker": broker})).into_response(),
         Err(down) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", down)
             .into_response(),
     }
 }
 
+/// How long readiness waits for the database to answer.
+const READY_PING: Duration = Duration::from_secs(2);
+
 /// What keeps this process from being ready, if anything.
 async fn readiness(observed: &Observed) -> Result<(), String> {
-    if let Err(error) = observed.db.ping().await {
-        tracing::warn!(%error, "not ready: database unreachable");
-        return Err("the database is unreachable".to_owned());
+    match tokio::time::timeout(READY_PING, observed.db.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "not ready: database unreachable");
+            return Err("the database is unreachable".to_owned());
+        }
+        Err(_) => {
+            tracing::warn!("not ready: the database did not answer within 2 s");
+            return Err("the database does not answer".to_owned());
+        }
     }
-    let down = observed.links.down();
+    let down: Vec<String> = observed
+        .links
+        .states()
+        .into_iter()
+        .filter(|state| state.node.is_none())
+        .map(|state| format!("{} (for {} s)", state.task, state.for_secs))
+        .collect();
     if !down.is_empty() {
-        return Err(format!("not connected to the broker: {}", down.join(", ")));
+        return Err(format!(
+            "not connected to the broker, or its connection went silent: {}",
+            down.join(", ")
+        ));
     }
     Ok(())
 }

@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+/// The longest one run of a chore may take: a server that vanished mid-chore (its connection
+/// silent) is given up on, and the next run starts afresh.
+const CHORE_LIMIT: Duration = Duration::from_secs(60);
+
 /// Runs `work` every `interval` until `shutdown`; `work` reports its own failures.
 pub async fn every<F, Fut>(interval: Duration, shutdown: CancellationToken, mut work: F)
 where
@@ -16,6 +20,8 @@ where
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.cancelled() => return,
         }
-        work().await;
+        if tokio::time::timeout(CHORE_LIMIT, work()).await.is_err() {
+            tracing::warn!(limit = ?CHORE_LIMIT, "a periodic chore took too long and was dropped");
+        }
     }
 }

@@ -7,16 +7,16 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::Retryable;
 use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ConnectionProperties, ConnectionStatus, ExchangeKind};
 
 use tokio_util::sync::CancellationToken;
 
@@ -34,9 +34,24 @@ pub struct QueueSpec {
     pub message_types: &'static [&'static str],
 }
 
+/// One node of the broker: its URL (credentials, vhost, heartbeat) and how logs name it.
+#[derive(Clone, Debug)]
+pub struct BrokerNode {
+    pub url: String,
+    /// `host:port`, without credentials.
+    pub label: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct BrokerSettings {
-    pub url: String,
+    /// The nodes of the cluster; any of them serves every queue.
+    pub nodes: Vec<BrokerNode>,
+    /// How long one node may take to accept a connection before the next is tried.
+    pub connect_timeout: Duration,
+    /// Members of a quorum queue at its creation.
+    pub quorum_size: u16,
+    /// `x-queue-leader-locator` of a new quorum queue.
+    pub leader_locator: String,
     /// Prefix of every exchange and queue name, so deployments (and tests) do not share them.
     pub prefix: String,
     /// After this many deliveries a message is dead-lettered instead of requeued.
@@ -62,6 +77,9 @@ pub struct Broker {
     queues: Arc<Vec<QueueSpec>>,
     /// The queues this process consumes: the topology it declares.
     owned: Arc<Vec<QueueSpec>>,
+    /// The node this instance's next connection tries first: one chosen at random per
+    /// instance (so instances spread over the nodes), moved on when a node fails.
+    preferred: Arc<AtomicUsize>,
     links: BrokerLinks,
     metrics: Metrics,
 }
@@ -103,32 +121,76 @@ pub fn permissions(prefix: &str, context: &str, sends_to: &[&str]) -> Permission
     }
 }
 
-/// Which broker-facing tasks (relays, consumers) of this process are connected right now;
-/// the readiness check reports the ones that are not.
+/// Which broker-facing tasks (relays, consumers) of this process are connected right now, and
+/// to which node; the readiness check reports the ones that are not, or whose connection has
+/// gone silent (lapin gives a connection up after two heartbeats without a word from the node).
 #[derive(Clone, Debug, Default)]
 pub struct BrokerLinks {
-    tasks: Arc<Mutex<BTreeMap<String, bool>>>,
+    tasks: Arc<Mutex<BTreeMap<String, Link>>>,
+}
+
+#[derive(Clone, Debug)]
+struct Link {
+    /// The node and the connection's status while connected.
+    connection: Option<(String, ConnectionStatus)>,
+    since: Instant,
+}
+
+/// A task's link as readiness reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    pub task: String,
+    /// The node it is connected to, when it is.
+    pub node: Option<String>,
+    /// How long it has been so.
+    pub for_secs: u64,
 }
 
 impl BrokerLinks {
-    pub fn set(&self, task: &str, connected: bool) {
-        let mut tasks = self
-            .tasks
+    fn tasks(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Link>> {
+        self.tasks
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        tasks.insert(task.to_owned(), connected);
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The tasks that are not connected.
-    pub fn down(&self) -> Vec<String> {
-        let tasks = self
-            .tasks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        tasks
+    /// `task` works over `connection`, to `node`.
+    pub fn up(&self, task: &str, node: &str, connection: &Connection) {
+        let link = Link {
+            connection: Some((node.to_owned(), connection.status().clone())),
+            since: Instant::now(),
+        };
+        self.tasks().insert(task.to_owned(), link);
+    }
+
+    /// `task` has no connection (it is connecting).
+    pub fn down(&self, task: &str) {
+        let mut tasks = self.tasks();
+        let was_up = tasks.get(task).is_none_or(|link| link.connection.is_some());
+        if was_up {
+            let link = Link {
+                connection: None,
+                since: Instant::now(),
+            };
+            tasks.insert(task.to_owned(), link);
+        }
+    }
+
+    /// Every task: its node while its connection is alive, none while it is down or silent.
+    pub fn states(&self) -> Vec<LinkState> {
+        self.tasks()
             .iter()
-            .filter(|(_, up)| !**up)
-            .map(|(name, _)| name.clone())
+            .map(|(task, link)| {
+                let node = link
+                    .connection
+                    .as_ref()
+                    .filter(|(_, status)| status.connected())
+                    .map(|(node, _)| node.clone());
+                LinkState {
+                    task: task.clone(),
+                    node,
+                    for_secs: link.since.elapsed().as_secs(),
+                }
+            })
             .collect()
     }
 }
@@ -143,6 +205,20 @@ pub enum AmqpError {
     ConsumerCancelled,
     #[error("no queue takes messages with routing key {0}")]
     Unroutable(String),
+    #[error("node {0}: {1}")]
+    Node(String, Box<AmqpError>),
+}
+
+/// A connection, its channel, and the node it reached.
+pub struct Opened {
+    pub connection: Connection,
+    pub channel: Channel,
+    pub node: String,
+}
+
+/// Whether the broker refused a declare as inequivalent to what exists (406).
+fn is_precondition_failed(error: &lapin::Error) -> bool {
+    error.to_string().contains("PRECONDITION_FAILED")
 }
 
 impl Broker {
@@ -150,10 +226,13 @@ impl Broker {
     /// process consumes, whose exchanges and queues it declares. A message for a context that
     /// has never started finds no exchange: its relay keeps it in the outbox and retries.
     pub fn new(settings: BrokerSettings, queues: Vec<QueueSpec>, owned: Vec<QueueSpec>) -> Broker {
+        let nodes = settings.nodes.len().max(1);
+        let preferred = uuid::Uuid::new_v4().as_u128() as usize % nodes;
         Broker {
             settings: Arc::new(settings),
             queues: Arc::new(queues),
             owned: Arc::new(owned),
+            preferred: Arc::new(AtomicUsize::new(preferred)),
             links: BrokerLinks::default(),
             metrics: Metrics::default(),
         }
@@ -214,31 +293,80 @@ impl Broker {
         }
     }
 
-    /// Connects, opens one channel, declares the whole topology and, for publishers, turns on
-    /// publisher confirms. The connection must be kept alive as long as the channel is used.
-    pub async fn open_channel(
-        &self,
-        name: &str,
-        confirms: bool,
-    ) -> Result<(Connection, Channel), AmqpError> {
-        let (connection, channel) = self.open_bare_channel(name).await?;
-        self.declare_topology(&channel).await?;
+    /// Connects, opens one channel, declares this process's topology and, for publishers,
+    /// turns on publisher confirms. The connection must be kept alive as long as the channel is
+    /// used. Also says which node it reached.
+    pub async fn open_channel(&self, name: &str, confirms: bool) -> Result<Opened, AmqpError> {
+        let opened = self.open_bare_channel(name).await?;
+        let channel = self
+            .declare_topology(&opened.connection, opened.channel)
+            .await?;
         if confirms {
             self.timed(channel.confirm_select(ConfirmSelectOptions::default()))
                 .await?;
         }
-        Ok((connection, channel))
+        Ok(Opened { channel, ..opened })
     }
 
     /// Connects and opens one channel, declaring nothing: for tools that must not redeclare
     /// queues with arguments of their own (which the broker would refuse as inequivalent).
-    pub async fn open_bare_channel(&self, name: &str) -> Result<(Connection, Channel), AmqpError> {
-        let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let connection = self
-            .timed(Connection::connect(&self.settings.url, properties))
-            .await?;
-        let channel = self.timed(connection.create_channel()).await?;
-        Ok((connection, channel))
+    /// Tries the nodes in turn from the preferred one, so any live node is reached in one
+    /// attempt; the node that answered is preferred from then on.
+    pub async fn open_bare_channel(&self, name: &str) -> Result<Opened, AmqpError> {
+        let nodes = &self.settings.nodes;
+        let first = self.preferred.load(Ordering::Relaxed);
+        let mut last_error = None;
+        for offset in 0..nodes.len() {
+            let index = (first + offset) % nodes.len();
+            let node = &nodes[index];
+            let properties = ConnectionProperties::default().with_connection_name(name.into());
+            let limit = self.settings.connect_timeout.min(self.settings.io_timeout);
+            let connected =
+                match tokio::time::timeout(limit, Connection::connect(&node.url, properties)).await
+                {
+                    Ok(Ok(connection)) => Ok(connection),
+                    Ok(Err(error)) => Err(AmqpError::from(error)),
+                    Err(_) => Err(AmqpError::Timeout(limit)),
+                };
+            let opened = match connected {
+                Ok(connection) => match self.timed(connection.create_channel()).await {
+                    Ok(channel) => Ok(Opened {
+                        connection,
+                        channel,
+                        node: node.label.clone(),
+                    }),
+                    Err(error) => Err(error),
+                },
+                Err(error) => Err(error),
+            };
+            match opened {
+                Ok(opened) => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    return Ok(opened);
+                }
+                Err(error) => {
+                    tracing::debug!(task = name, node = %node.label, %error, "broker node unavailable");
+                    last_error = Some(AmqpError::Node(node.label.clone(), Box::new(error)));
+                }
+            }
+        }
+        // The next attempt starts one node further on.
+        self.preferred
+            .store((first + 1) % nodes.len().max(1), Ordering::Relaxed);
+        Err(last_error.unwrap_or(AmqpError::Timeout(self.settings.connect_timeout)))
+    }
+
+    /// After losing a connection to a node, the next one starts at another node.
+    pub fn move_on_from(&self, node: &str) {
+        let nodes = &self.settings.nodes;
+        if let Some(index) = nodes.iter().position(|n| n.label == node) {
+            let _ = self.preferred.compare_exchange(
+                index,
+                (index + 1) % nodes.len(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
     }
 
     /// Messages ready in `queue` and in its dead-letter queue (passive declares: the queues
@@ -266,7 +394,41 @@ impl Broker {
         Ok((ready, dead))
     }
 
-    async fn declare_topology(&self, channel: &Channel) -> Result<(), AmqpError> {
+    /// Declares `queue` with Gozon's arguments. A queue an earlier version declared with other
+    /// arguments is refused as inequivalent (and the channel closed): it is then used as it is,
+    /// on a new channel, with a warning, so an upgrade never stops a deployment.
+    async fn declare_queue(
+        &self,
+        connection: &Connection,
+        channel: Channel,
+        name: &str,
+        arguments: FieldTable,
+    ) -> Result<Channel, AmqpError> {
+        let declared = self
+            .timed(channel.queue_declare(name.into(), QueueDeclareOptions::durable(), arguments))
+            .await;
+        match declared {
+            Ok(_) => Ok(channel),
+            Err(AmqpError::Lapin(error)) if is_precondition_failed(&error) => {
+                tracing::warn!(queue = name, %error, "the queue exists with other arguments (declared by an earlier version); using it as it is");
+                let channel = self.timed(connection.create_channel()).await?;
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                self.timed(channel.queue_declare(name.into(), passive, FieldTable::default()))
+                    .await?;
+                Ok(channel)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn declare_topology(
+        &self,
+        connection: &Connection,
+        mut channel: Channel,
+    ) -> Result<Channel, AmqpError> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
@@ -290,12 +452,9 @@ impl Broker {
             .await?;
             let name = self.queue_name(queue);
             let dlq = self.dead_letter_queue_name(queue);
-            self.timed(channel.queue_declare(
-                dlq.as_str().into(),
-                QueueDeclareOptions::durable(),
-                self.queue_arguments(None),
-            ))
-            .await?;
+            channel = self
+                .declare_queue(connection, channel, &dlq, self.queue_arguments(None))
+                .await?;
             self.timed(channel.queue_bind(
                 dlq.as_str().into(),
                 dead_letter.as_str().into(),
@@ -304,12 +463,10 @@ impl Broker {
                 FieldTable::default(),
             ))
             .await?;
-            self.timed(channel.queue_declare(
-                name.as_str().into(),
-                QueueDeclareOptions::durable(),
-                self.queue_arguments(Some((&dead_letter, &name))),
-            ))
-            .await?;
+            let arguments = self.queue_arguments(Some((&dead_letter, &name)));
+            channel = self
+                .declare_queue(connection, channel, &name, arguments)
+                .await?;
             for message_type in queue.message_types {
                 self.timed(channel.queue_bind(
                     name.as_str().into(),
@@ -321,7 +478,7 @@ impl Broker {
                 .await?;
             }
         }
-        Ok(())
+        Ok(channel)
     }
 
     /// Quorum queues count deliveries, which is what bounds redelivery of a message whose
@@ -332,6 +489,16 @@ impl Broker {
         arguments.insert(
             "x-queue-type".into(),
             AMQPValue::LongString("quorum".into()),
+        );
+        // Replicated on this many nodes, with the leaders spread over them (not all on the
+        // node of whichever instance declared first).
+        arguments.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongLongInt(i64::from(self.settings.quorum_size)),
+        );
+        arguments.insert(
+            "x-queue-leader-locator".into(),
+            AMQPValue::LongString(self.settings.leader_locator.as_str().into()),
         );
         if let Some((exchange, key)) = dead_letter {
             arguments.insert(
@@ -355,24 +522,34 @@ impl Broker {
     }
 }
 
-/// Opens a channel, retrying with the shared [`backoff::policy`] until it works or `shutdown` fires.
-/// Marks the task's link down meanwhile; the caller marks it up once it is really working.
-/// The first failure is logged as a warning, later ones at debug, so an outage is one line.
+/// How often a failing reconnection says so again.
+const STILL_FAILING_EVERY: Duration = Duration::from_secs(15);
+
+/// Opens a channel, retrying with the shared [`backoff::policy`] until it works or `shutdown`
+/// fires. Marks the task's link down meanwhile; the caller marks it up (with its node) once it
+/// is really working. The first failure is a warning, and so is one every
+/// [`STILL_FAILING_EVERY`] while they go on (with the attempts so far and the last error).
 pub async fn connect_until_ready(
     broker: &Broker,
     name: &str,
     confirms: bool,
     shutdown: &CancellationToken,
-) -> Option<(Connection, Channel)> {
-    broker.links.set(name, false);
+) -> Option<Opened> {
+    broker.links.down(name);
     let failures = AtomicU32::new(0);
+    let last_said = Mutex::new(Instant::now());
     let attempt = || broker.open_channel(name, confirms);
     let retrying = attempt
         .retry(backoff::policy())
         .sleep(tokio::time::sleep)
         .notify(|error, delay| {
-            if failures.fetch_add(1, Ordering::Relaxed) == 0 {
-                tracing::warn!(task = name, error = %error, "broker unavailable; retrying with backoff");
+            let attempts = failures.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut last = last_said
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if attempts == 1 || last.elapsed() >= STILL_FAILING_EVERY {
+                *last = Instant::now();
+                tracing::warn!(task = name, attempts, error = %error, "broker unavailable; retrying with backoff");
             } else {
                 tracing::debug!(task = name, error = %error, ?delay, "broker still unavailable");
             }
@@ -382,7 +559,9 @@ pub async fn connect_until_ready(
             Ok(opened) => {
                 let failures = failures.load(Ordering::Relaxed);
                 if failures > 0 {
-                    tracing::info!(task = name, attempts = failures + 1, "broker connection recovered");
+                    tracing::info!(task = name, node = %opened.node, attempts = failures + 1, "broker connection recovered");
+                } else {
+                    tracing::debug!(task = name, node = %opened.node, "connected to the broker");
                 }
                 Some(opened)
             }

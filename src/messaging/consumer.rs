@@ -19,7 +19,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::kernel::backoff::Delays;
-use crate::messaging::amqp::{AmqpError, Broker, QueueSpec, connect_until_ready};
+use crate::messaging::amqp::{AmqpError, Broker, Opened, QueueSpec, connect_until_ready};
 use crate::messaging::envelope::Envelope;
 use crate::messaging::inbox;
 use crate::messaging::signing;
@@ -107,6 +107,9 @@ pub struct ConsumerSettings {
     pub prefetch: u16,
     /// Deliveries handled at once.
     pub concurrency: usize,
+    /// How long one delivery's transaction may take before it is dropped (with its
+    /// connection) and the database counted as unavailable.
+    pub db_timeout: Duration,
 }
 
 /// A text header of `delivery`.
@@ -140,11 +143,17 @@ impl<H: Handler> Consumer<H> {
     pub async fn run(self, shutdown: CancellationToken) {
         let queue_name = self.broker.queue_name(&self.queue);
         let task = format!("consumer {queue_name}");
-        while let Some((connection, channel)) =
-            connect_until_ready(&self.broker, &task, false, &shutdown).await
+        while let Some(Opened {
+            connection,
+            channel,
+            node,
+        }) = connect_until_ready(&self.broker, &task, false, &shutdown).await
         {
             let measuring = self.measure_queue(&connection).await;
-            let result = self.consume(&channel, &queue_name, &task, &shutdown).await;
+            let link = (&connection, node.as_str());
+            let result = self
+                .consume(&channel, link, &queue_name, &task, &shutdown)
+                .await;
             if let Some(measuring) = measuring {
                 measuring.abort();
             }
@@ -165,6 +174,7 @@ impl<H: Handler> Consumer<H> {
             if result.is_ok() {
                 break;
             }
+            self.broker.move_on_from(&node);
         }
         tracing::info!(task = %task, "consumer stopped");
     }
@@ -204,6 +214,7 @@ impl<H: Handler> Consumer<H> {
     async fn consume(
         &self,
         channel: &lapin::Channel,
+        (connection, node): (&lapin::Connection, &str),
         queue_name: &str,
         task: &str,
         shutdown: &CancellationToken,
@@ -220,7 +231,7 @@ impl<H: Handler> Consumer<H> {
                 FieldTable::default(),
             ))
             .await?;
-        broker.links().set(task, true);
+        broker.links().up(task, node, connection);
         // Up to `concurrency` deliveries are handled at once, each in its own transaction and
         // acked after its own commit; the inbox and the per-order keys keep any interleaving
         // safe. They run on this task, not spawned: nothing outlives the channel.
@@ -335,11 +346,17 @@ impl<H: Handler> Consumer<H> {
         let span = self.message_span(delivery, &envelope);
         let mut delays = Delays::new();
         let mut held = false;
+        let limit = self.settings.db_timeout;
         loop {
-            let outcome = self
+            let attempt = self
                 .apply_once(&envelope, &message)
-                .instrument(span.clone())
-                .await;
+                .instrument(span.clone());
+            let outcome = match tokio::time::timeout(limit, attempt).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(HandleError::Unavailable(format!(
+                    "the database did not answer within {limit:?}"
+                ))),
+            };
             let Err(HandleError::Unavailable(reason)) = &outcome else {
                 if held && outcome.is_ok() {
                     tracing::info!(parent: &span, "database back; message applied");

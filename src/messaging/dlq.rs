@@ -6,7 +6,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 
-use crate::messaging::amqp::{AmqpError, Broker, QueueSpec};
+use crate::messaging::amqp::{AmqpError, Broker, Opened, QueueSpec};
 use crate::messaging::envelope::Envelope;
 use crate::messaging::signing;
 
@@ -80,7 +80,11 @@ pub async fn list(
     queue: &QueueSpec,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, AmqpError> {
-    let (connection, channel) = broker.open_bare_channel("gozon-dlq-list").await?;
+    let Opened {
+        connection,
+        channel,
+        ..
+    } = broker.open_bare_channel("gozon-dlq-list").await?;
     let dlq = broker.dead_letter_queue_name(queue);
     let mut letters = Vec::new();
     while letters.len() < limit {
@@ -106,7 +110,11 @@ pub async fn replay(
     limit: usize,
     message_id: Option<&str>,
 ) -> Result<Vec<DeadLetter>, AmqpError> {
-    let (connection, channel) = broker.open_bare_channel("gozon-dlq-replay").await?;
+    let Opened {
+        connection,
+        channel,
+        ..
+    } = broker.open_bare_channel("gozon-dlq-replay").await?;
     broker
         .timed(channel.confirm_select(lapin::options::ConfirmSelectOptions::default()))
         .await?;

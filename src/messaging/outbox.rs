@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::kernel::backoff::Delays;
-use crate::messaging::amqp::{AmqpError, Broker, connect_until_ready};
+use crate::messaging::amqp::{AmqpError, Broker, Opened, connect_until_ready};
 use crate::messaging::envelope::{Envelope, Message};
 use crate::messaging::signing;
 use crate::ops::telemetry;
@@ -77,6 +77,9 @@ pub struct RelaySettings {
     /// Polling interval: the fallback for when a wake-up was missed (another instance wrote the row).
     pub poll_interval: Duration,
     pub batch_size: u32,
+    /// How long the database part of a batch may take before it is dropped (with its
+    /// connection): a vanished server holds nothing for long.
+    pub db_timeout: Duration,
 }
 
 /// Publishes one schema's outbox. Several relays over the same table (in one process or many)
@@ -241,11 +244,20 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let name = format!("{}-outbox-relay", self.schema);
         let mut db_delays = Delays::new();
-        while let Some((connection, channel)) =
-            connect_until_ready(&self.broker, &name, true, &shutdown).await
+        while let Some(Opened {
+            connection,
+            channel,
+            node,
+        }) = connect_until_ready(&self.broker, &name, true, &shutdown).await
         {
-            self.broker.links().set(&name, true);
+            self.broker.links().up(&name, &node, &connection);
             let lost_broker = loop {
+                // A connection lapin gave up on (no heartbeat from the node) is left at once,
+                // not on the next publish.
+                if !connection.status().connected() {
+                    tracing::warn!(task = %name, %node, "outbox relay's broker connection is gone; reconnecting");
+                    break true;
+                }
                 match self.drain(&channel).await {
                     Ok(()) => db_delays = Delays::new(),
                     Err(RelayError::Db(error)) => {
@@ -275,13 +287,27 @@ impl Relay {
             if !lost_broker {
                 break;
             }
+            self.broker.move_on_from(&node);
         }
         tracing::info!(task = %name, "outbox relay stopped");
     }
 
     async fn drain(&self, channel: &Channel) -> Result<(), RelayError> {
-        while self.relay_batch(channel).await? == self.settings.batch_size as usize {}
-        Ok(())
+        // The batch's database work, plus its broker round trips (each bounded on its own).
+        let limit = self.settings.db_timeout + self.broker.settings().io_timeout;
+        loop {
+            let sent = match tokio::time::timeout(limit, self.relay_batch(channel)).await {
+                Ok(sent) => sent?,
+                Err(_) => {
+                    return Err(RelayError::Db(DbErr::Custom(format!(
+                        "an outbox batch took longer than {limit:?}"
+                    ))));
+                }
+            };
+            if sent < self.settings.batch_size as usize {
+                return Ok(());
+            }
+        }
     }
 }
 

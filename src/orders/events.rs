@@ -22,6 +22,10 @@ use crate::orders::store;
 const CHANNEL: &str = "gozon_order_changed";
 /// A subscriber that falls this far behind is dropped and reconnects (re-reading the list).
 const BACKLOG: usize = 64;
+/// How long the LISTEN connection may hear nothing before it is pinged, and how long the ping
+/// may take.
+const LISTEN_QUIET: Duration = Duration::from_secs(15);
+const LISTEN_PING: Duration = Duration::from_secs(5);
 
 /// Announces that `order` changed, when (and only if) the caller's transaction commits.
 pub async fn notify_changed(conn: &impl ConnectionTrait, order: &Order) -> Result<(), DbErr> {
@@ -204,7 +208,23 @@ impl OrderEvents {
             .map_err(sqlx_error)?;
         listener.listen(CHANNEL).await.map_err(sqlx_error)?;
         loop {
-            let notification = listener.recv().await.map_err(sqlx_error)?;
+            // A quiet channel is asked to prove it is alive now and then: a server that vanished
+            // without a word (a partition, a failover) is noticed, and the listener reconnects.
+            let notification = match tokio::time::timeout(LISTEN_QUIET, listener.recv()).await {
+                Ok(received) => received.map_err(sqlx_error)?,
+                Err(_) => {
+                    let ping = sea_orm::sqlx::query("SELECT 1").execute(&mut listener);
+                    match tokio::time::timeout(LISTEN_PING, ping).await {
+                        Ok(pinged) => pinged.map_err(sqlx_error)?,
+                        Err(_) => {
+                            return Err(DbErr::Custom(
+                                "the order status listener's connection went silent".into(),
+                            ));
+                        }
+                    };
+                    continue;
+                }
+            };
             let mut words = notification.payload().split(' ');
             let Some(Ok(id)) = words.next().map(Uuid::parse_str) else {
                 continue;

@@ -5,6 +5,7 @@ mod architecture;
 mod audit;
 mod auth;
 mod broker_users;
+mod brokers;
 mod deployment;
 mod edge;
 mod events;

@@ -134,8 +134,15 @@ async fn every_get_route_and_static_file_answers_head_as_get_without_a_body() {
         let (status, content_type) = (get.status(), get.headers().get("content-type").cloned());
         let head = app.client.head(&url).send().await.unwrap();
         assert_eq!(head.status(), status, "HEAD {path}");
-        assert_eq!(head.headers().get("content-type"), content_type.as_ref(), "HEAD {path}");
-        assert!(head.bytes().await.unwrap().is_empty(), "HEAD {path} has no body");
+        assert_eq!(
+            head.headers().get("content-type"),
+            content_type.as_ref(),
+            "HEAD {path}"
+        );
+        assert!(
+            head.bytes().await.unwrap().is_empty(),
+            "HEAD {path} has no body"
+        );
     }
     // The event stream too: its headers at once, no stream.
     let head = app

@@ -15,7 +15,7 @@ pub async fn wait_for_dead_letters(
     queue: &gozon::messaging::amqp::QueueSpec,
     count: usize,
 ) -> Vec<dlq::DeadLetter> {
-    let broker = app::broker(&env.settings(), Role::All);
+    let broker = app::broker(&env.settings(), Role::All).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let letters = dlq::list(&broker, queue, 100).await.unwrap();
@@ -156,7 +156,7 @@ async fn a_replayed_dead_letter_is_handled_again() {
     let env = TestEnv::new();
     let app = env.spawn(Role::Payments).await;
     app.funded_account("rue", "100").await;
-    let broker = app::broker(&env.settings(), Role::Payments);
+    let broker = app::broker(&env.settings(), Role::Payments).unwrap();
     let queue = broker.queue_name(&payments::PAYMENT_REQUESTS);
 
     // A valid request parked in the DLQ (as if an earlier outage had exhausted its deliveries),

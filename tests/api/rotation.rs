@@ -91,7 +91,7 @@ async fn a_dead_letter_signed_with_the_old_key_is_applied_when_replayed_after_th
     let settings = keys(&env, NEW, &[OLD]);
     let app = env.spawn_with(&settings, Role::Payments).await;
     app.wait_until_ready().await;
-    let broker = app::broker(&settings, Role::Payments);
+    let broker = app::broker(&settings, Role::Payments).unwrap();
     let replayed = dlq::replay(&broker, &payments::PAYMENT_REQUESTS, 10, Some(&parked))
         .await
         .unwrap();
