@@ -134,7 +134,7 @@ pub struct Settings {
     pub queue_expires_secs: Option<u64>,
 
     /// Bound, in milliseconds, on each broker round trip (connect, declare, confirm, ack).
-    #[arg(long, env = "GOZON_AMQP_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    #[arg(long, env = "GOZON_AMQP_TIMEOUT_MS", default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(100..))]
     pub amqp_timeout_ms: u64,
 
     /// How often, in milliseconds, a relay looks at its outbox when nothing woke it.
@@ -552,6 +552,7 @@ impl Settings {
             prefetch: self.prefetch.max(self.consumer_concurrency),
             concurrency: usize::from(self.consumer_concurrency),
             db_timeout: self.db_pool().operation_timeout(),
+            hold: Duration::from_secs(5),
         }
     }
 }

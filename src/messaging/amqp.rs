@@ -207,6 +207,17 @@ pub enum AmqpError {
     Unroutable(String),
     #[error("node {0}: {1}")]
     Node(String, Box<AmqpError>),
+    /// Not the broker's fault: the consumer gives its deliveries back while the database
+    /// cannot be reached.
+    #[error("the database is unreachable; deliveries handed back to the queue")]
+    DatabaseUnavailable,
+}
+
+/// What a connection is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    Publish,
+    Consume,
 }
 
 /// A connection, its channel, and the node it reached.
@@ -293,19 +304,37 @@ impl Broker {
         }
     }
 
-    /// Connects, opens one channel, declares this process's topology and, for publishers,
-    /// turns on publisher confirms. The connection must be kept alive as long as the channel is
-    /// used. Also says which node it reached.
-    pub async fn open_channel(&self, name: &str, confirms: bool) -> Result<Opened, AmqpError> {
+    /// Connects and opens one channel: for a consumer, declaring this process's topology
+    /// (its exchanges, queues and bindings); for a publisher, turning on publisher confirms and
+    /// declaring nothing (it publishes to the other context's inbound exchange, which that
+    /// context declares; and a declare that needs the whole cluster would hold a reconnecting
+    /// relay up while a node is lost). The connection must be kept alive as long as the
+    /// channel is used. Also says which node it reached.
+    pub async fn open_channel(&self, name: &str, purpose: Purpose) -> Result<Opened, AmqpError> {
         let opened = self.open_bare_channel(name).await?;
-        let channel = self
-            .declare_topology(&opened.connection, opened.channel)
-            .await?;
-        if confirms {
-            self.timed(channel.confirm_select(ConfirmSelectOptions::default()))
-                .await?;
-        }
+        let channel = match purpose {
+            Purpose::Consume => {
+                self.declare_topology(&opened.connection, opened.channel)
+                    .await?
+            }
+            Purpose::Publish => {
+                let confirming = opened
+                    .channel
+                    .confirm_select(ConfirmSelectOptions::default());
+                self.timed(confirming).await?;
+                opened.channel
+            }
+        };
         Ok(Opened { channel, ..opened })
+    }
+
+    /// Closes `connection` in the background: one that is already dead (its node lost) would
+    /// otherwise hold the caller for a whole timeout.
+    pub fn close_in_background(&self, connection: Connection, reason: &'static str) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let _ = broker.timed(connection.close(200, reason.into())).await;
+        });
     }
 
     /// Connects and opens one channel, declaring nothing: for tools that must not redeclare
@@ -532,13 +561,13 @@ const STILL_FAILING_EVERY: Duration = Duration::from_secs(15);
 pub async fn connect_until_ready(
     broker: &Broker,
     name: &str,
-    confirms: bool,
+    purpose: Purpose,
     shutdown: &CancellationToken,
 ) -> Option<Opened> {
     broker.links.down(name);
     let failures = AtomicU32::new(0);
     let last_said = Mutex::new(Instant::now());
-    let attempt = || broker.open_channel(name, confirms);
+    let attempt = || broker.open_channel(name, purpose);
     let retrying = attempt
         .retry(backoff::policy())
         .sleep(tokio::time::sleep)

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::kernel::backoff::Delays;
-use crate::messaging::amqp::{AmqpError, Broker, Opened, QueueSpec, connect_until_ready};
+use crate::messaging::amqp::{AmqpError, Broker, Opened, Purpose, QueueSpec, connect_until_ready};
 use crate::messaging::envelope::Envelope;
 use crate::messaging::inbox;
 use crate::messaging::signing;
@@ -110,6 +110,10 @@ pub struct ConsumerSettings {
     /// How long one delivery's transaction may take before it is dropped (with its
     /// connection) and the database counted as unavailable.
     pub db_timeout: Duration,
+    /// How long a delivery is held (retried) while the database cannot be reached, before the
+    /// consumer hands every delivery it holds back to the queue (for another instance, or for
+    /// itself once the database answers) and stops taking more until it does.
+    pub hold: Duration,
 }
 
 /// A text header of `delivery`.
@@ -147,7 +151,7 @@ impl<H: Handler> Consumer<H> {
             connection,
             channel,
             node,
-        }) = connect_until_ready(&self.broker, &task, false, &shutdown).await
+        }) = connect_until_ready(&self.broker, &task, Purpose::Consume, &shutdown).await
         {
             let measuring = self.measure_queue(&connection).await;
             let link = (&connection, node.as_str());
@@ -162,21 +166,57 @@ impl<H: Handler> Consumer<H> {
             } else {
                 "reconnecting"
             };
-            if let Err(error) = &result {
+            let database_down = matches!(result, Err(AmqpError::DatabaseUnavailable));
+            if let Err(error) = &result
+                && !database_down
+            {
                 tracing::warn!(task = %task, %error, "consumer lost the broker; reconnecting");
             }
-            // Unacked deliveries go back to the queue when the channel closes.
-            let _ = self.broker.timed(channel.close(200, reason.into())).await;
-            let _ = self
-                .broker
-                .timed(connection.close(200, reason.into()))
-                .await;
+            // Unacked deliveries go back to the queue when the channel closes. A lost
+            // connection is closed in the background, so the consumer reconnects at once.
             if result.is_ok() {
+                let _ = self.broker.timed(channel.close(200, reason.into())).await;
+                let _ = self
+                    .broker
+                    .timed(connection.close(200, reason.into()))
+                    .await;
                 break;
+            }
+            drop(channel);
+            self.broker
+                .close_in_background(connection, "consumer reconnecting");
+            if database_down {
+                // Its deliveries went back with the channel: wait for the database before
+                // taking any again.
+                self.broker.links().down(&task);
+                if !self.wait_for_database(&shutdown).await {
+                    break;
+                }
+                continue;
             }
             self.broker.move_on_from(&node);
         }
         tracing::info!(task = %task, "consumer stopped");
+    }
+
+    /// Waits until the database answers again (false: shutdown came first).
+    async fn wait_for_database(&self, shutdown: &CancellationToken) -> bool {
+        tracing::warn!(
+            queue = self.queue.suffix,
+            "database unavailable: deliveries handed back to the queue; consuming again once it answers"
+        );
+        let mut delays = Delays::new();
+        loop {
+            let ping = tokio::time::timeout(self.settings.db_timeout, self.db.ping()).await;
+            if matches!(ping, Ok(Ok(()))) {
+                tracing::info!(queue = self.queue.suffix, "database back; consuming again");
+                return true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delays.next_delay()) => {}
+                _ = shutdown.cancelled() => return false,
+            }
+        }
     }
 
     /// Reports the queue's depth and its dead letters to the metrics every
@@ -275,6 +315,10 @@ impl<H: Handler> Consumer<H> {
         let outcome = self
             .handle_holding_through_outages(&delivery, shutdown)
             .await;
+        if matches!(outcome, Err(HandleError::Unavailable(_))) && !shutdown.is_cancelled() {
+            // Held as long as allowed: the channel goes, and every delivery with it.
+            return Err(AmqpError::DatabaseUnavailable);
+        }
         let pause = match &outcome {
             Ok(_) | Err(HandleError::Poison(_)) => {
                 if outcome.is_ok() {
@@ -336,7 +380,8 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// Handles `delivery`; while the database is unreachable, keeps the message and tries again
-    /// with backoff, until it is applied, fails for another reason, or shutdown begins.
+    /// with backoff, until it is applied, fails for another reason, the hold runs out (then it
+    /// answers Unavailable), or shutdown begins.
     async fn handle_holding_through_outages(
         &self,
         delivery: &Delivery,
@@ -347,6 +392,7 @@ impl<H: Handler> Consumer<H> {
         let mut delays = Delays::new();
         let mut held = false;
         let limit = self.settings.db_timeout;
+        let held_until = std::time::Instant::now() + self.settings.hold;
         loop {
             let attempt = self
                 .apply_once(&envelope, &message)
@@ -366,6 +412,9 @@ impl<H: Handler> Consumer<H> {
             if !held {
                 tracing::warn!(parent: &span, %reason, "database unavailable; holding the message and retrying");
                 held = true;
+            }
+            if std::time::Instant::now() >= held_until {
+                return outcome;
             }
             tokio::select! {
                 _ = tokio::time::sleep(delays.next_delay()) => {}

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::kernel::backoff::Delays;
-use crate::messaging::amqp::{AmqpError, Broker, Opened, connect_until_ready};
+use crate::messaging::amqp::{AmqpError, Broker, Opened, Purpose, connect_until_ready};
 use crate::messaging::envelope::{Envelope, Message};
 use crate::messaging::signing;
 use crate::ops::telemetry;
@@ -248,7 +248,7 @@ impl Relay {
             connection,
             channel,
             node,
-        }) = connect_until_ready(&self.broker, &name, true, &shutdown).await
+        }) = connect_until_ready(&self.broker, &name, Purpose::Publish, &shutdown).await
         {
             self.broker.links().up(&name, &node, &connection);
             let lost_broker = loop {
@@ -279,14 +279,17 @@ impl Relay {
                     _ = shutdown.cancelled() => break false,
                 }
             };
-            // Whatever state it is in, this connection is done with: close it, bounded.
-            let _ = self
-                .broker
-                .timed(connection.close(200, "relay done".into()))
-                .await;
+            // Whatever state it is in, this connection is done with: close it (bounded), in
+            // the background when it was lost, so the relay reconnects at once.
             if !lost_broker {
+                let _ = self
+                    .broker
+                    .timed(connection.close(200, "relay done".into()))
+                    .await;
                 break;
             }
+            self.broker
+                .close_in_background(connection, "relay reconnecting");
             self.broker.move_on_from(&node);
         }
         tracing::info!(task = %name, "outbox relay stopped");
