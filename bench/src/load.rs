@@ -9,6 +9,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use tokio::sync::Mutex;
 
 use crate::Args;
+use crate::cpu::{Meter, Usage};
 
 /// What one rate did.
 #[derive(Debug, Clone)]
@@ -26,6 +27,17 @@ pub struct Step {
     pub backlog_at_stop: i64,
     pub queued_at_stop: u64,
     pub backlog_after: i64,
+    /// CPU by process group over the steady middle half of the step, and the orders that
+    /// became final in it.
+    pub cpu: Usage,
+    pub settled_in_window: u64,
+}
+
+impl Step {
+    /// Milliseconds of CPU per order settled in the window, for `group`.
+    pub fn cpu_per_order(&self, group: crate::cpu::Group) -> f64 {
+        self.cpu.ms_per(group, self.settled_in_window as f64)
+    }
 }
 
 impl Step {
@@ -53,6 +65,7 @@ pub struct Run {
     users: Vec<String>,
     funded: Vec<String>,
     orders: Mutex<Vec<String>>,
+    meter: Arc<Meter>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -112,16 +125,27 @@ impl Run {
             users,
             funded,
             orders: Mutex::new(Vec::new()),
+            meter: Arc::new(Meter::new(&args.pid)),
         })
     }
 
     /// Sends orders at `rate` for the configured time, then measures how the saga kept up.
     pub async fn step(&self, args: &Args, rate: f64) -> anyhow::Result<Step> {
         let started = chrono::Utc::now();
+        // The steady part: the middle half of the step, measured while the load runs.
+        let (meter, duration) = (self.meter.clone(), args.duration);
+        let window = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(duration * 0.25)).await;
+            let (from, first) = (unix_now(), meter.sample());
+            tokio::time::sleep(Duration::from_secs_f64(duration * 0.5)).await;
+            (from, unix_now(), meter.sample().since(&first))
+        });
         let (sent, errors, http, ids) = self.open_loop(args, rate).await;
+        let (from, to, cpu) = window.await?;
         let backlog_at_stop = outbox_backlog(&self.db).await?;
         let queued_at_stop = queue_depth(args).await.unwrap_or(0);
-        let (saga, settled, settled_per_sec) = self.settle(&ids, started).await?;
+        let (saga, settled, settled_per_sec, finals) = self.settle(&ids, started).await?;
+        let settled_in_window = finals.iter().filter(|at| (from..to).contains(*at)).count() as u64;
         let backlog_after = outbox_backlog(&self.db).await?;
         self.orders.lock().await.extend(ids);
         Ok(Step {
@@ -135,6 +159,8 @@ impl Run {
             backlog_at_stop,
             queued_at_stop,
             backlog_after,
+            cpu,
+            settled_in_window,
         })
     }
 
@@ -174,12 +200,13 @@ impl Run {
         (total, errors, http, ids)
     }
 
-    /// Waits (up to 30 s) for the orders to be final; their latencies and the settle rate.
+    /// Waits (up to 30 s) for the orders to be final; their latencies, the settle rate and
+    /// when each became final (seconds since the epoch).
     async fn settle(
         &self,
         ids: &[String],
         since: chrono::DateTime<chrono::Utc>,
-    ) -> anyhow::Result<(Histogram<u64>, u64, f64)> {
+    ) -> anyhow::Result<(Histogram<u64>, u64, f64, Vec<f64>)> {
         let pattern = format!("{}-%", self.id);
         let deadline = Instant::now() + Duration::from_secs(30);
         let sql = format!(
@@ -196,18 +223,21 @@ impl Run {
             if rows.len() >= ids.len() || Instant::now() > deadline {
                 let mut saga = histogram();
                 let (mut first, mut last) = (f64::MAX, 0f64);
+                let mut finals = Vec::with_capacity(rows.len());
                 for row in &rows {
                     let micros: i64 = row.try_get("", "micros")?;
                     let _ = saga.record(micros.max(1) as u64);
                     first = first.min(row.try_get("", "created")?);
-                    last = last.max(row.try_get("", "final_at")?);
+                    let final_at: f64 = row.try_get("", "final_at")?;
+                    last = last.max(final_at);
+                    finals.push(final_at);
                 }
                 let per_sec = if last > first {
                     rows.len() as f64 / (last - first)
                 } else {
                     0.0
                 };
-                return Ok((saga, rows.len() as u64, per_sec));
+                return Ok((saga, rows.len() as u64, per_sec, finals));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -316,6 +346,27 @@ async fn post(
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     anyhow::ensure!(status.is_success(), "{path}: {status} {body}");
     Ok(body)
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
+}
+
+/// Waits (up to `within`) until both outboxes have nothing unsent and the queues are empty;
+/// how long that took, or None if it did not happen.
+pub async fn drained(args: &Args, db: &DatabaseConnection, within: Duration) -> Option<f64> {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        let backlog = outbox_backlog(db).await.unwrap_or(i64::MAX);
+        let queued = queue_depth(args).await.unwrap_or(u64::MAX);
+        if backlog == 0 && queued == 0 {
+            return Some(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
 }
 
 /// Unsent rows in both outboxes.

@@ -6,6 +6,7 @@
 //! The saga's latency is the order's own creation -> final time. Results: a table, and JSON
 //! under bench/results/.
 
+mod cpu;
 mod load;
 mod pg;
 mod report;
@@ -69,6 +70,9 @@ pub struct Args {
     /// Seconds of each GET benchmark and of each pgbench run.
     #[arg(long, default_value_t = 5.0)]
     pub fixed_secs: f64,
+    /// The rate bench/saga.sql runs at for its CPU per order (0: not measured).
+    #[arg(long, default_value_t = 100.0)]
+    pub cpu_rate: f64,
     /// Skip pgbench (no ratios).
     #[arg(long)]
     pub skip_pgbench: bool,
@@ -118,13 +122,15 @@ async fn main() -> anyhow::Result<()> {
         steps.push(run.step(&args, args.rate).await?);
     }
     let reads = load::reads(&args, &run).await?;
+    // pgbench measures the database's own limit: only once the deployment has drained.
+    let drained = load::drained(&args, &db, Duration::from_secs(120)).await;
     let limits = if args.skip_pgbench {
         None
     } else {
         Some(pg::limits(&args).await?)
     };
     let memory = report::peak_rss(&args.pid);
-    let report = report::Report::new(&args, steps, reads, limits, memory);
+    let report = report::Report::new(&args, steps, reads, limits, memory, drained);
     println!("{report}");
     let path = report.save(&args.out_dir)?;
     println!("saved {}", path.display());

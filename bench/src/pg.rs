@@ -5,6 +5,7 @@
 use sea_orm::ConnectionTrait;
 
 use crate::Args;
+use crate::cpu::{Group, Meter};
 
 const ACCOUNTS: usize = 1000;
 const ORDERS: usize = 10_000;
@@ -14,6 +15,17 @@ pub struct Limits {
     /// Whole orders' worth of commits per second.
     pub saga_per_sec: f64,
     pub get_order_per_sec: f64,
+    /// bench/saga.sql at a fixed rate: what one order's commits cost PostgreSQL, and pgbench.
+    pub cpu: Option<SagaCpu>,
+}
+
+/// CPU per order of bench/saga.sql run at `rate` orders/s.
+#[derive(Debug, Clone, Copy)]
+pub struct SagaCpu {
+    pub rate: f64,
+    pub orders: u64,
+    pub postgres_ms: f64,
+    pub pgbench_ms: f64,
 }
 
 /// Runs both pgbench scripts; the scratch database is dropped afterwards.
@@ -43,8 +55,13 @@ pub async fn limits(args: &Args) -> anyhow::Result<Limits> {
          FROM generate_series(1, {ORDERS}) n; ANALYZE;"
     ))
     .await?;
-    let saga = pgbench(args, &url, "bench/saga.sql").await;
-    let get_order = pgbench(args, &url, "bench/get_order.sql").await;
+    let cpu = if args.cpu_rate > 0.0 {
+        Some(saga_cpu(args, &url).await?)
+    } else {
+        None
+    };
+    let saga = pgbench(args, &url, "bench/saga.sql", None).await;
+    let get_order = pgbench(args, &url, "bench/get_order.sql", None).await;
     db.close().await?;
     let admin = gozon::db::connect_existing(
         &format!("{server}/postgres"),
@@ -55,17 +72,59 @@ pub async fn limits(args: &Args) -> anyhow::Result<Limits> {
         .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
         .await?;
     Ok(Limits {
-        saga_per_sec: saga?,
-        get_order_per_sec: get_order?,
+        saga_per_sec: saga?.0,
+        get_order_per_sec: get_order?.0,
+        cpu,
     })
 }
 
-/// pgbench's tps for `script` (excluding connection time).
-async fn pgbench(args: &Args, url: &str, script: &str) -> anyhow::Result<f64> {
+/// bench/saga.sql at --cpu-rate orders/s for --duration: PostgreSQL's and pgbench's CPU per
+/// order, sampled while pgbench runs (its backends end with it), from its second second to
+/// half a second before its end; the orders in that window are the rate times its length
+/// (pgbench -R keeps to its schedule when it can; its own count is checked against it).
+async fn saga_cpu(args: &Args, url: &str) -> anyhow::Result<SagaCpu> {
+    let meter = Meter::new(&[]);
+    let secs = args.duration.max(4.0).round();
+    let run = pgbench(args, url, "bench/saga.sql", Some((args.cpu_rate, secs)));
+    let window = async {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let first = meter.sample();
+        tokio::time::sleep(std::time::Duration::from_secs_f64(secs - 1.5)).await;
+        meter.sample().since(&first)
+    };
+    let (ran, usage) = tokio::join!(run, window);
+    let (_, processed) = ran?;
+    anyhow::ensure!(
+        processed as f64 >= args.cpu_rate * secs * 0.9,
+        "pgbench did not keep to {} orders/s: {processed} in {secs} s",
+        args.cpu_rate
+    );
+    let orders = args.cpu_rate * usage.seconds;
+    Ok(SagaCpu {
+        rate: args.cpu_rate,
+        orders: orders.round() as u64,
+        postgres_ms: usage.ms_per(Group::PostgreSql, orders),
+        pgbench_ms: usage.ms_per(Group::Pgbench, orders),
+    })
+}
+
+/// pgbench's tps for `script` (excluding connection time) and its transactions, at full speed
+/// for --fixed-secs, or at `rate` per second for `secs`.
+async fn pgbench(
+    args: &Args,
+    url: &str,
+    script: &str,
+    rate: Option<(f64, f64)>,
+) -> anyhow::Result<(f64, u64)> {
     let clients = args.concurrency.to_string();
-    let secs = args.fixed().as_secs().max(1).to_string();
-    let output = tokio::process::Command::new("pgbench")
-        .args(["-n", "-c", &clients, "-j", "2", "-T", &secs, "-f", script])
+    let secs = rate.map_or(args.fixed().as_secs_f64(), |(_, secs)| secs);
+    let secs = (secs.round() as u64).max(1).to_string();
+    let mut command = tokio::process::Command::new("pgbench");
+    command.args(["-n", "-c", &clients, "-j", "2", "-T", &secs, "-f", script]);
+    if let Some((per_sec, _)) = rate {
+        command.args(["-R", &format!("{per_sec:.0}")]);
+    }
+    let output = command
         .args([
             "-D",
             &format!("accounts={ACCOUNTS}"),
@@ -82,9 +141,17 @@ async fn pgbench(args: &Args, url: &str, script: &str) -> anyhow::Result<f64> {
         text,
         String::from_utf8_lossy(&output.stderr)
     );
-    text.lines()
+    let tps = text
+        .lines()
         .find_map(|line| line.strip_prefix("tps = "))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|tps| tps.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no tps in pgbench's output: {text}"))
+        .ok_or_else(|| anyhow::anyhow!("no tps in pgbench's output: {text}"))?;
+    let transactions = text
+        .lines()
+        .find_map(|line| line.strip_prefix("number of transactions actually processed: "))
+        .and_then(|rest| rest.split(['/', ' ']).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Ok((tps, transactions))
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 
 use crate::Args;
+use crate::cpu::Group;
 use crate::load::{Reads, Step};
 use crate::pg::Limits;
 
@@ -17,6 +18,8 @@ pub struct Report {
     limits: Option<Limits>,
     /// Peak resident memory of each server process, in MiB.
     memory: Vec<(u32, f64)>,
+    /// How long the deployment took to drain before pgbench ran (None: it did not, in 120 s).
+    drained: Option<f64>,
 }
 
 /// Each process's peak resident set (VmHWM), in MiB.
@@ -48,6 +51,7 @@ impl Report {
         reads: Reads,
         limits: Option<Limits>,
         memory: Vec<(u32, f64)>,
+        drained: Option<f64>,
     ) -> Report {
         Report {
             label: args.label.clone(),
@@ -55,6 +59,7 @@ impl Report {
             reads,
             limits,
             memory,
+            drained,
         }
     }
 
@@ -75,6 +80,13 @@ impl Report {
             "create_order_ms": {"p50": ms(step.http.value_at_quantile(0.5)), "p99": ms(step.http.value_at_quantile(0.99)), "p999": ms(step.http.value_at_quantile(0.999))},
             "outbox_backlog_at_stop": step.backlog_at_stop, "queued_at_stop": step.queued_at_stop,
             "outbox_backlog_after_drain": step.backlog_after,
+            "cpu_ms_per_order": {
+                "window_orders": step.settled_in_window,
+                "gozon": step.cpu_per_order(Group::Gozon),
+                "rabbitmq": step.cpu_per_order(Group::RabbitMq),
+                "postgresql": step.cpu_per_order(Group::PostgreSql),
+                "gozon_bench": step.cpu_per_order(Group::Bench),
+            },
         })
     }
 
@@ -88,7 +100,11 @@ impl Report {
             "highest_sustained_settled_per_sec": best.filter(|s| s.sustainable()).map(|s| s.settled_per_sec),
             "get_order_per_sec": self.reads.get_order_per_sec,
             "get_balance_per_sec": self.reads.get_balance_per_sec,
-            "pgbench": self.limits.map(|l| json!({"saga_orders_per_sec": l.saga_per_sec, "get_order_per_sec": l.get_order_per_sec})),
+            "pgbench": self.limits.map(|l| json!({
+                "saga_orders_per_sec": l.saga_per_sec, "get_order_per_sec": l.get_order_per_sec,
+                "ran_after_drain_secs": self.drained,
+                "saga_cpu_ms_per_order": l.cpu.map(|c| json!({"rate": c.rate, "orders": c.orders, "postgresql": c.postgres_ms, "pgbench": c.pgbench_ms})),
+            })),
             "ratios": self.limits.map(|l| json!({
                 "settled": best.map(|s| s.settled_per_sec / l.saga_per_sec),
                 "get_order": self.reads.get_order_per_sec / l.get_order_per_sec,
@@ -141,6 +157,23 @@ impl fmt::Display for Report {
         }
         writeln!(
             f,
+            "CPU ms per settled order, middle half of each step (gozon / rabbitmq / postgresql / gozon-bench):"
+        )?;
+        for s in &self.steps {
+            writeln!(
+                f,
+                "{:>8.0}/s: {:.2} / {:.2} / {:.2} / {:.2}  ({} orders; gozon/postgresql {:.2})",
+                s.rate,
+                s.cpu_per_order(Group::Gozon),
+                s.cpu_per_order(Group::RabbitMq),
+                s.cpu_per_order(Group::PostgreSql),
+                s.cpu_per_order(Group::Bench),
+                s.settled_in_window,
+                s.cpu_per_order(Group::Gozon) / s.cpu_per_order(Group::PostgreSql).max(1e-9),
+            )?;
+        }
+        writeln!(
+            f,
             "GET order {:.0}/s, GET balance {:.0}/s",
             self.reads.get_order_per_sec, self.reads.get_balance_per_sec
         )?;
@@ -151,6 +184,31 @@ impl fmt::Display for Report {
                 "pgbench: saga commits {:.0} orders/s, GET order SELECT {:.0}/s",
                 limits.saga_per_sec, limits.get_order_per_sec
             )?;
+            match self.drained {
+                Some(secs) => writeln!(
+                    f,
+                    "pgbench ran on the drained deployment (outbox backlog 0, queues empty, {secs:.1} s after the load)"
+                )?,
+                None => writeln!(
+                    f,
+                    "pgbench ran while the deployment had NOT drained in 120 s: its figures are low"
+                )?,
+            }
+            if let Some(cpu) = limits.cpu {
+                writeln!(
+                    f,
+                    "bench/saga.sql at {:.0}/s: CPU ms per order postgresql {:.2}, pgbench {:.2}",
+                    cpu.rate, cpu.postgres_ms, cpu.pgbench_ms
+                )?;
+                if let Some(step) = self.steps.iter().find(|s| (s.rate - cpu.rate).abs() < 0.5) {
+                    writeln!(
+                        f,
+                        "at {:.0}/s: postgresql for gozon / for saga.sql {:.2}",
+                        cpu.rate,
+                        step.cpu_per_order(Group::PostgreSql) / cpu.postgres_ms.max(1e-9)
+                    )?;
+                }
+            }
             writeln!(
                 f,
                 "ratios: settled {:.2}, GET order {:.2}",

@@ -59,13 +59,13 @@ pub struct Settings {
 
     /// Milliseconds a serving session may sit idle inside a transaction before the server ends
     /// it (idle_in_transaction_session_timeout): a client gone mid-transaction releases its
-    /// locks. Longer than a relay's wait for broker confirms.
-    #[arg(long, env = "GOZON_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1_000..))]
+    /// locks. Longer than a relay's wait for broker confirms (--amqp-timeout-ms).
+    #[arg(long, env = "GOZON_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1_000..))]
     pub db_idle_in_transaction_timeout_ms: u64,
 
     /// Seconds of silence after which the server probes a serving session's client with TCP
     /// keepalives (three probes, half this apart).
-    #[arg(long, env = "GOZON_DB_KEEPALIVE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, env = "GOZON_DB_KEEPALIVE_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub db_keepalive_secs: u64,
 
     /// RabbitMQ: one URL, several comma separated (one per node of a cluster), or one URL with
