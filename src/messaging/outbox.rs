@@ -30,26 +30,58 @@ pub async fn enqueue<C: Message>(
     message: &C,
     correlation_id: &str,
 ) -> Result<Uuid, DbErr> {
-    let envelope = Envelope::new(message, correlation_id)
-        .map_err(|e| DbErr::Custom(format!("cannot serialise {}: {e}", C::TYPE)))?;
-    let body = serde_json::to_value(&envelope)
-        .map_err(|e| DbErr::Custom(format!("cannot serialise envelope: {e}")))?;
+    let row = OutboxRow::new(message, correlation_id)?;
+    let message_id = row.message_id;
     conn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         format!(
             "INSERT INTO {schema}.outbox (message_id, message_type, correlation_id, body, traceparent) \
              VALUES ($1, $2, $3, $4, $5)"
         ),
-        [
-            envelope.message_id.into(),
-            C::TYPE.into(),
-            correlation_id.into(),
-            body.into(),
-            telemetry::current_traceparent().into(),
-        ],
+        row.values(),
     ))
     .await?;
-    Ok(envelope.message_id)
+    Ok(message_id)
+}
+
+/// An outbox row, for a caller that writes it as part of a statement of its own (the INSERT
+/// of [`OutboxRow::INSERT_COLUMNS`] with [`OutboxRow::values`] bound in that order).
+pub struct OutboxRow {
+    pub message_id: Uuid,
+    message_type: &'static str,
+    correlation_id: String,
+    body: serde_json::Value,
+    traceparent: Option<String>,
+}
+
+impl OutboxRow {
+    pub const INSERT_COLUMNS: &'static str =
+        "message_id, message_type, correlation_id, body, traceparent";
+
+    pub fn new<C: Message>(message: &C, correlation_id: &str) -> Result<OutboxRow, DbErr> {
+        let envelope = Envelope::new(message, correlation_id)
+            .map_err(|e| DbErr::Custom(format!("cannot serialise {}: {e}", C::TYPE)))?;
+        let body = serde_json::to_value(&envelope)
+            .map_err(|e| DbErr::Custom(format!("cannot serialise envelope: {e}")))?;
+        Ok(OutboxRow {
+            message_id: envelope.message_id,
+            message_type: C::TYPE,
+            correlation_id: correlation_id.to_owned(),
+            body,
+            traceparent: telemetry::current_traceparent(),
+        })
+    }
+
+    /// The five values of [`OutboxRow::INSERT_COLUMNS`], in order.
+    pub fn values(self) -> [sea_orm::Value; 5] {
+        [
+            self.message_id.into(),
+            self.message_type.into(),
+            self.correlation_id.into(),
+            self.body.into(),
+            self.traceparent.into(),
+        ]
+    }
 }
 
 #[derive(Debug, FromQueryResult)]
@@ -110,19 +142,22 @@ impl Relay {
         }
     }
 
-    /// Claims up to one batch of unsent rows, publishes them as persistent messages, waits for
-    /// every confirm, and marks them sent in the same transaction that held the claim. Returns
-    /// how many rows it sent; on any error the transaction rolls back and the rows stay unsent.
+    /// Claims up to one batch of unsent rows and marks them sent in one statement, publishes
+    /// them as persistent messages, waits for every confirm, and only then commits: the mark
+    /// becomes true (and visible) only once the broker has confirmed every row. Returns how many
+    /// rows it sent; on any error the transaction rolls back and the rows stay unsent.
     async fn relay_batch(&self, channel: &Channel) -> Result<usize, RelayError> {
         let schema = self.schema;
         let txn = self.db.begin().await?;
         // SKIP LOCKED: a row another relay has claimed is skipped, not waited for and not
         // sent twice at once. The lock lasts until this transaction ends.
-        let rows = PendingRow::find_by_statement(Statement::from_sql_and_values(
+        let mut rows = PendingRow::find_by_statement(Statement::from_sql_and_values(
             DbBackend::Postgres,
             format!(
-                "SELECT seq, message_id, message_type, correlation_id, body, traceparent FROM {schema}.outbox \
-                 WHERE sent_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED"
+                "UPDATE {schema}.outbox SET sent_at = clock_timestamp() WHERE seq IN \
+                 (SELECT seq FROM {schema}.outbox WHERE sent_at IS NULL ORDER BY seq LIMIT $1 \
+                 FOR UPDATE SKIP LOCKED) \
+                 RETURNING seq, message_id, message_type, correlation_id, body, traceparent"
             ),
             [i64::from(self.settings.batch_size).into()],
         ))
@@ -132,17 +167,12 @@ impl Relay {
             txn.commit().await?;
             return Ok(0);
         }
+        // In the order they were written (RETURNING keeps none).
+        rows.sort_unstable_by_key(|row| row.seq);
         let publishing = std::time::Instant::now();
         self.publish_confirmed(channel, &rows).await?;
         let took = publishing.elapsed().as_secs_f64();
         self.broker.metrics().relay_published(schema, took);
-        let sent: Vec<i64> = rows.iter().map(|row| row.seq).collect();
-        txn.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!("UPDATE {schema}.outbox SET sent_at = clock_timestamp() WHERE seq = ANY($1)"),
-            [sent.into()],
-        ))
-        .await?;
         txn.commit().await?;
         self.broker.metrics().published(schema, rows.len());
         tracing::debug!(schema, sent = rows.len(), "outbox batch published");

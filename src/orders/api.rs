@@ -13,7 +13,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::kernel::coalesce::{BatchLoad, Coalescer, Lanes};
-use crate::kernel::user_id::UserId;
 use crate::orders::domain::{CancelReason, Order, OrderCursor, OrderId, OrderStatus};
 use crate::orders::events::{self, FollowError, OrderEvents};
 use crate::orders::store::Cancelled;
@@ -293,24 +292,6 @@ fn correlation_id(request: &poem::Request) -> String {
     }
 }
 
-impl OrdersApi {
-    /// Refuses a user who has as many NEW orders as allowed. Without a lock, concurrent
-    /// requests of one user may each see room: the cap holds to within their number.
-    async fn within_new_orders_cap(
-        &self,
-        txn: &DatabaseTransaction,
-        user: &UserId,
-    ) -> Result<(), ApiError> {
-        let Some(cap) = self.max_new_orders else {
-            return Ok(());
-        };
-        if store::count_new_orders(txn, user).await? >= i64::from(cap) {
-            return Err(OrdersError::TooManyNewOrders(cap).into());
-        }
-        Ok(())
-    }
-}
-
 #[OpenApi(prefix_path = "/api/orders", tag = "Tag::Orders")]
 impl OrdersApi {
     /// Place an order. Answers at once with status NEW; Payments then debits the user's
@@ -331,9 +312,11 @@ impl OrdersApi {
             let user = caller.acting_for(&user_id)?;
             let amount = parse_amount(&amount)?;
             let correlation_id = correlation_id(request);
+            let cap = self.max_new_orders;
             let place = async |txn: &DatabaseTransaction| {
-                self.within_new_orders_cap(txn, &user).await?;
-                let order = saga::place_order(txn, &user, amount, &correlation_id).await?;
+                let order = saga::place_order(txn, &user, amount, &correlation_id, cap).await?;
+                // No row: the user has as many NEW orders as allowed.
+                let order = order.ok_or_else(|| OrdersError::TooManyNewOrders(cap.unwrap_or(0)))?;
                 Ok(OrderBody::from(order))
             };
             let fingerprint = format!("user_id={user}&amount={amount}");

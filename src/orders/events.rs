@@ -29,16 +29,20 @@ const LISTEN_PING: Duration = Duration::from_secs(5);
 
 /// Announces that `order` changed, when (and only if) the caller's transaction commits.
 pub async fn notify_changed(conn: &impl ConnectionTrait, order: &Order) -> Result<(), DbErr> {
+    let (channel, payload) = notification(&order.id, &order.user_id);
     conn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         "SELECT pg_notify($1, $2)",
-        [
-            CHANNEL.into(),
-            format!("{} {}", order.id, order.user_id).into(),
-        ],
+        [channel.into(), payload.into()],
     ))
     .await?;
     Ok(())
+}
+
+/// The channel and payload of the notice that an order changed, for a caller that sends it
+/// from a statement of its own (`pg_notify($channel, $payload)`).
+pub fn notification(id: &OrderId, user: &UserId) -> (&'static str, String) {
+    (CHANNEL, format!("{id} {user}"))
 }
 
 /// How many streams may be open, and for how long.

@@ -25,23 +25,27 @@ use crate::orders::domain::{Order, OrderId, OrderStatus, Refund};
 use crate::orders::store::{self, Settlement};
 use crate::orders::{SCHEMA, events};
 
-/// Creates a NEW order and its payment request in the caller's transaction. Once that commits,
-/// the caller wakes the outbox relay.
+/// Creates a NEW order and its payment request in the caller's transaction (one statement),
+/// unless the user has `cap` NEW orders already (None). Once that commits, the caller wakes the
+/// outbox relay.
 pub async fn place_order(
     txn: &DatabaseTransaction,
     user: &UserId,
     amount: Money,
     correlation_id: &str,
-) -> Result<Order, DbErr> {
-    let order = store::insert_order(txn, OrderId::generate(), user, amount, correlation_id).await?;
+    cap: Option<u32>,
+) -> Result<Option<Order>, DbErr> {
+    let id = OrderId::generate();
     let request = PaymentRequestedV1 {
-        order_id: order.id.as_uuid(),
+        order_id: id.as_uuid(),
         user_id: user.clone(),
         amount,
     };
-    outbox::enqueue(txn, SCHEMA, &request, correlation_id).await?;
-    events::notify_changed(txn, &order).await?;
-    tracing::info!(order_id = %order.id, correlation_id, "order placed; payment requested");
+    let request = outbox::OutboxRow::new(&request, correlation_id)?;
+    let order = store::place_order(txn, (id, user, amount), correlation_id, cap, request).await?;
+    if let Some(order) = &order {
+        tracing::debug!(order_id = %order.id, correlation_id, "order placed; payment requested");
+    }
     Ok(order)
 }
 
@@ -161,7 +165,7 @@ impl Handler for SagaHandler {
             Applied::Settled(order) => {
                 let took = (order.updated_at - order.created_at).as_seconds_f64();
                 self.metrics.saga_settled(took);
-                tracing::info!(order_id = %order.id, status = order.status.as_str(), saga_seconds = took, "order settled");
+                tracing::debug!(order_id = %order.id, status = order.status.as_str(), saga_seconds = took, "order settled");
             }
             Applied::Refund => self.relay_wake.notify_one(),
             Applied::Nothing => {}

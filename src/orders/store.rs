@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use crate::kernel::money::Money;
 use crate::kernel::user_id::UserId;
+use crate::messaging::outbox::OutboxRow;
 use crate::orders::domain::{CancelReason, Order, OrderCursor, OrderId, OrderStatus, Refund};
 
 fn statement<I: IntoIterator<Item = Value>>(sql: &str, values: I) -> Statement {
@@ -59,30 +60,46 @@ impl OrderRow {
     }
 }
 
-/// Inserts a NEW order and returns it as stored.
-pub async fn insert_order(
+/// Places a NEW order in one statement: the order, its payment request in the outbox and the
+/// notice that it changed, unless the user already has `cap` NEW orders (then None, and nothing
+/// is written). The count takes no lock: concurrent requests of one user may each see room, so
+/// the cap holds to within their number.
+pub async fn place_order(
     conn: &impl ConnectionTrait,
-    id: OrderId,
-    user: &UserId,
-    amount: Money,
+    order: (OrderId, &UserId, Money),
     correlation_id: &str,
-) -> Result<Order, DbErr> {
-    let row = OrderRow::find_by_statement(statement(
-        &format!(
-            "INSERT INTO orders.orders (id, user_id, amount_minor, status, correlation_id) \
-             VALUES ($1, $2, $3, 'NEW', $4) RETURNING {ORDER_COLUMNS}"
-        ),
-        [
-            id.as_uuid().into(),
-            user.as_str().into(),
-            amount.minor().into(),
-            correlation_id.into(),
-        ],
-    ))
-    .one(conn)
-    .await?
-    .ok_or_else(|| DbErr::RecordNotInserted)?;
-    row.into_order()
+    cap: Option<u32>,
+    request: OutboxRow,
+) -> Result<Option<Order>, DbErr> {
+    let (id, user, amount) = order;
+    let (channel, notice) = crate::orders::events::notification(&id, user);
+    let columns = OutboxRow::INSERT_COLUMNS;
+    let sql = format!(
+        "WITH placed AS (\
+           INSERT INTO orders.orders (id, user_id, amount_minor, status, correlation_id) \
+           SELECT $1, $2, $3, 'NEW', $4 \
+           WHERE $5::BIGINT IS NULL OR \
+             (SELECT count(*) FROM orders.orders WHERE user_id = $2 AND status = 'NEW') < $5 \
+           RETURNING {ORDER_COLUMNS}), \
+         requested AS (\
+           INSERT INTO orders.outbox ({columns}) SELECT $6, $7, $8, $9, $10 FROM placed), \
+         notified AS (SELECT pg_notify($11, $12) FROM placed) \
+         SELECT placed.*, (SELECT count(*) FROM notified) AS notified FROM placed"
+    );
+    let mut values: Vec<Value> = vec![
+        id.as_uuid().into(),
+        user.as_str().into(),
+        amount.minor().into(),
+        correlation_id.into(),
+        cap.map(i64::from).into(),
+    ];
+    values.extend(request.values());
+    values.extend([channel.into(), notice.into()]);
+    OrderRow::find_by_statement(statement(&sql, values))
+        .one(conn)
+        .await?
+        .map(OrderRow::into_order)
+        .transpose()
 }
 
 pub async fn find_order(conn: &impl ConnectionTrait, id: OrderId) -> Result<Option<Order>, DbErr> {
@@ -149,18 +166,6 @@ pub async fn list_orders(
         .into_iter()
         .map(OrderRow::into_order)
         .collect()
-}
-
-/// How many of `user`'s orders are NEW (uses `orders_new_by_user_idx`).
-pub async fn count_new_orders(conn: &impl ConnectionTrait, user: &UserId) -> Result<i64, DbErr> {
-    let row = conn
-        .query_one_raw(statement(
-            "SELECT count(*) AS new FROM orders.orders WHERE user_id = $1 AND status = 'NEW'",
-            [user.as_str().into()],
-        ))
-        .await?
-        .ok_or_else(|| DbErr::Custom("no count row".into()))?;
-    row.try_get("", "new")
 }
 
 pub enum Settlement {

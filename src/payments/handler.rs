@@ -113,7 +113,7 @@ async fn debit(
             outbox::enqueue(txn, SCHEMA, &answer, correlation_id).await?;
         }
     }
-    tracing::info!(%order_id, ?outcome, "payment decided");
+    tracing::debug!(%order_id, ?outcome, "payment decided");
     Ok(())
 }
 
