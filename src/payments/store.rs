@@ -155,38 +155,33 @@ pub async fn debit_for_order(
         return decided_outcome(conn, order_id).await;
     }
 
-    let debited = conn
+    // The debit with its ledger row, and the outcome recorded on the claim, in one statement:
+    // `debited` is empty when the balance is short or there is no account, which the
+    // statement tells apart from its own snapshot of the accounts.
+    let recorded = conn
         .query_one_raw(statement(
             "WITH debited AS ( \
                  UPDATE payments.accounts \
                  SET balance_minor = balance_minor - $2, updated_at = clock_timestamp() \
                  WHERE user_id = $1 AND balance_minor >= $2 \
-                 RETURNING user_id, balance_minor) \
-             INSERT INTO payments.transactions (user_id, kind, amount_minor, order_id, balance_after_minor) \
-             SELECT user_id, 'debit', $2, $3, balance_minor FROM debited \
-             RETURNING balance_after_minor",
+                 RETURNING user_id, balance_minor), \
+             ledger AS ( \
+                 INSERT INTO payments.transactions (user_id, kind, amount_minor, order_id, balance_after_minor) \
+                 SELECT user_id, 'debit', $2, $3, balance_minor FROM debited), \
+             decided AS ( \
+                 SELECT CASE WHEN EXISTS (SELECT 1 FROM debited) THEN 'debited' \
+                             WHEN EXISTS (SELECT 1 FROM payments.accounts WHERE user_id = $1) \
+                                 THEN 'insufficient_funds' \
+                             ELSE 'no_account' END AS outcome) \
+             UPDATE payments.order_payments SET outcome = (SELECT outcome FROM decided), \
+                 updated_at = clock_timestamp() \
+             WHERE order_id = $3 RETURNING outcome",
             [user.as_str().into(), amount.minor().into(), order_id.into()],
         ))
         .await?
-        .is_some();
-    let outcome = if debited {
-        DebitOutcome::Debited
-    } else if find_account(conn, user).await?.is_some() {
-        DebitOutcome::Refused(PaymentFailureReason::InsufficientFunds)
-    } else {
-        DebitOutcome::Refused(PaymentFailureReason::NoAccount)
-    };
-    let stored = match outcome {
-        DebitOutcome::Debited => "debited",
-        DebitOutcome::Refused(reason) => reason.as_str(),
-    };
-    conn.execute_raw(statement(
-        "UPDATE payments.order_payments SET outcome = $2, updated_at = clock_timestamp() \
-         WHERE order_id = $1",
-        [order_id.into(), stored.into()],
-    ))
-    .await?;
-    Ok(outcome)
+        .ok_or_else(|| DbErr::Custom(format!("order {order_id}: its payment claim is gone")))?;
+    let stored: String = recorded.try_get("", "outcome")?;
+    stored_outcome(order_id, &stored)
 }
 
 /// An order's amount, charged to (or given back to) a user.
@@ -283,7 +278,12 @@ async fn decided_outcome(
         .await?
         .ok_or_else(|| DbErr::RecordNotFound(format!("order payment {order_id}")))?;
     let outcome: String = row.try_get("", "outcome")?;
-    match outcome.as_str() {
+    stored_outcome(order_id, &outcome)
+}
+
+/// A debit's outcome as `payments.order_payments` stores it.
+fn stored_outcome(order_id: Uuid, outcome: &str) -> Result<DebitOutcome, DbErr> {
+    match outcome {
         "debited" => Ok(DebitOutcome::Debited),
         "no_account" => Ok(DebitOutcome::Refused(PaymentFailureReason::NoAccount)),
         "insufficient_funds" => Ok(DebitOutcome::Refused(
