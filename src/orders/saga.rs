@@ -42,7 +42,9 @@ pub async fn place_order(
         amount,
     };
     let request = outbox::OutboxRow::new(&request, correlation_id)?;
-    let order = store::place_order(txn, (id, user, amount), correlation_id, cap, request).await?;
+    let notice = events::notification(&id, user);
+    let written = (request, notice);
+    let order = store::place_order(txn, (id, user, amount), correlation_id, cap, written).await?;
     if let Some(order) = &order {
         tracing::debug!(order_id = %order.id, correlation_id, "order placed; payment requested");
     }

@@ -61,7 +61,7 @@ impl OrderRow {
 }
 
 /// Places a NEW order in one statement: the order, its payment request in the outbox and the
-/// notice that it changed, unless the user already has `cap` NEW orders (then None, and nothing
+/// notice that it changed (`pg_notify(channel, notice)`), unless the user already has `cap` NEW orders (then None, and nothing
 /// is written). The count takes no lock: concurrent requests of one user may each see room, so
 /// the cap holds to within their number.
 pub async fn place_order(
@@ -69,10 +69,9 @@ pub async fn place_order(
     order: (OrderId, &UserId, Money),
     correlation_id: &str,
     cap: Option<u32>,
-    request: OutboxRow,
+    (request, (channel, notice)): (OutboxRow, (&'static str, String)),
 ) -> Result<Option<Order>, DbErr> {
     let (id, user, amount) = order;
-    let (channel, notice) = crate::orders::events::notification(&id, user);
     let columns = OutboxRow::INSERT_COLUMNS;
     let sql = format!(
         "WITH placed AS (\
