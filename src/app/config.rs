@@ -124,6 +124,13 @@ pub struct Settings {
     #[arg(long, env = "GOZON_CONSUMER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub consumer_concurrency: u16,
 
+    /// Connections each consumer reads its queue over, each to another broker node (0: two
+    /// when AMQP_URL names several nodes, else one). The concurrency and prefetch are shared
+    /// among them. While one node is lost or silent the others keep consuming, and the broker
+    /// hands what it had sent the lost link to the rest once it notices.
+    #[arg(long, env = "GOZON_CONSUMER_LINKS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=8))]
+    pub consumer_links: u16,
+
     /// Unacknowledged deliveries a consumer holds at once.
     #[arg(long, env = "GOZON_PREFETCH", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
@@ -548,9 +555,18 @@ impl Settings {
     }
 
     pub fn consumer(&self) -> ConsumerSettings {
+        let nodes = broker_nodes(&self.amqp_url, self.amqp_heartbeat_secs).map_or(1, |n| n.len());
+        let links = match self.consumer_links {
+            0 if nodes > 1 => 2,
+            0 => 1,
+            links => links,
+        };
+        let share = |total: u16| total.div_ceil(links).max(1);
+        let concurrency = share(self.consumer_concurrency);
         ConsumerSettings {
-            prefetch: self.prefetch.max(self.consumer_concurrency),
-            concurrency: usize::from(self.consumer_concurrency),
+            links: usize::from(links),
+            prefetch: share(self.prefetch).max(concurrency),
+            concurrency: usize::from(concurrency),
             db_timeout: self.db_pool().operation_timeout(),
             hold: Duration::from_secs(5),
         }
@@ -582,6 +598,7 @@ impl fmt::Debug for Settings {
             .field("delivery_limit", &self.delivery_limit)
             .field("prefetch", &self.prefetch)
             .field("consumer_concurrency", &self.consumer_concurrency)
+            .field("consumer_links", &self.consumer_links)
             .field("queue_expires_secs", &self.queue_expires_secs)
             .field("amqp_timeout_ms", &self.amqp_timeout_ms)
             .field("outbox_poll_ms", &self.outbox_poll_ms)

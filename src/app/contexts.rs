@@ -135,14 +135,19 @@ impl Workers<'_> {
             shutdown.clone(),
         );
         self.tasks.spawn(purge);
-        let consumer = Consumer {
-            broker: self.broker.clone(),
-            queue: context.consumes,
-            db: db.clone(),
-            schema,
-            handler,
-            settings: self.settings.consumer(),
-        };
-        self.tasks.spawn(consumer.run(shutdown.clone()));
+        let settings = self.settings.consumer();
+        let handler = Arc::new(handler);
+        for link in 0..settings.links {
+            let consumer = Consumer {
+                broker: self.broker.starting_at(link),
+                queue: context.consumes,
+                db: db.clone(),
+                schema,
+                handler: handler.clone(),
+                settings: settings.clone(),
+                link,
+            };
+            self.tasks.spawn(consumer.run(shutdown.clone()));
+        }
     }
 }

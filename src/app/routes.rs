@@ -328,10 +328,9 @@ async fn readiness(observed: &Observed) -> Result<(), String> {
     }
     let down: Vec<String> = observed
         .links
-        .states()
+        .stalled()
         .into_iter()
-        .filter(|state| state.node.is_none())
-        .map(|state| format!("{} (for {} s)", state.task, state.for_secs))
+        .map(|(work, secs)| format!("{work} (for {secs} s)"))
         .collect();
     if !down.is_empty() {
         return Err(format!(

@@ -146,7 +146,47 @@ pub struct LinkState {
     pub for_secs: u64,
 }
 
+/// What follows a task's name when it is one of several links doing the same work.
+const LINK_MARK: &str = " (link ";
+
+/// The name of link `index` (from 0) of `links` doing `task`'s work.
+pub fn link_name(task: &str, index: usize, links: usize) -> String {
+    if links <= 1 {
+        task.to_owned()
+    } else {
+        format!("{task}{LINK_MARK}{} of {links})", index + 1)
+    }
+}
+
+impl LinkState {
+    /// The work this link does, shared by every link of the same task.
+    pub fn work(&self) -> &str {
+        self.task
+            .split_once(LINK_MARK)
+            .map_or(self.task.as_str(), |(work, _)| work)
+    }
+}
+
 impl BrokerLinks {
+    /// The works none of whose links is connected (a consumer with one of its two links on a
+    /// lost node still consumes), each with how long its most recent link has been down.
+    pub fn stalled(&self) -> Vec<(String, u64)> {
+        let mut works: BTreeMap<String, Option<u64>> = BTreeMap::new();
+        for state in self.states() {
+            let entry = works
+                .entry(state.work().to_owned())
+                .or_insert(Some(u64::MAX));
+            *entry = match (*entry, &state.node) {
+                (None, _) | (_, Some(_)) => None,
+                (Some(down), None) => Some(down.min(state.for_secs)),
+            };
+        }
+        works
+            .into_iter()
+            .filter_map(|(work, down)| down.map(|secs| (work, secs)))
+            .collect()
+    }
+
     fn tasks(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Link>> {
         self.tasks
             .lock()
@@ -246,6 +286,18 @@ impl Broker {
             preferred: Arc::new(AtomicUsize::new(preferred)),
             links: BrokerLinks::default(),
             metrics: Metrics::default(),
+        }
+    }
+
+    /// The same broker, whose connections start `offset` nodes past this one's preferred node
+    /// and move on from there on their own: a second consumer link of an instance then sits on
+    /// another node than its first, so the loss of one node leaves the instance consuming.
+    pub fn starting_at(&self, offset: usize) -> Broker {
+        let nodes = self.settings.nodes.len().max(1);
+        let first = (self.preferred.load(Ordering::Relaxed) + offset) % nodes;
+        Broker {
+            preferred: Arc::new(AtomicUsize::new(first)),
+            ..self.clone()
         }
     }
 

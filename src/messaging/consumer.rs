@@ -3,7 +3,7 @@
 //! let the handler apply it; commit, and only then ack. A handler says only what a message does.
 
 use std::future::Future;
-
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -19,7 +19,9 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::kernel::backoff::Delays;
-use crate::messaging::amqp::{AmqpError, Broker, Opened, Purpose, QueueSpec, connect_until_ready};
+use crate::messaging::amqp::{
+    AmqpError, Broker, Opened, Purpose, QueueSpec, connect_until_ready, link_name,
+};
 use crate::messaging::envelope::Envelope;
 use crate::messaging::inbox;
 use crate::messaging::signing;
@@ -104,8 +106,11 @@ const QUEUE_MEASURE_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct ConsumerSettings {
+    /// Connections the queue is read over, each starting at another broker node.
+    pub links: usize,
+    /// Per link.
     pub prefetch: u16,
-    /// Deliveries handled at once.
+    /// Deliveries handled at once, per link.
     pub concurrency: usize,
     /// How long one delivery's transaction may take before it is dropped (with its
     /// connection) and the database counted as unavailable.
@@ -133,20 +138,26 @@ fn lock(delays: &std::sync::Mutex<Delays>) -> std::sync::MutexGuard<'_, Delays> 
 
 /// One queue's consumer: its deliveries applied by `handler`, deduplicated through the inbox
 /// of `schema` under the queue's name.
+/// One link of it: `link` counts from 0 to `settings.links`; its broker starts at its own node.
 pub struct Consumer<H> {
     pub broker: Broker,
     pub queue: QueueSpec,
     pub db: DatabaseConnection,
     pub schema: &'static str,
-    pub handler: H,
+    pub handler: Arc<H>,
     pub settings: ConsumerSettings,
+    pub link: usize,
 }
 
 impl<H: Handler> Consumer<H> {
     /// Consumes until `shutdown`, reconnecting with backoff whenever the broker goes away.
     pub async fn run(self, shutdown: CancellationToken) {
         let queue_name = self.broker.queue_name(&self.queue);
-        let task = format!("consumer {queue_name}");
+        let task = link_name(
+            &format!("consumer {queue_name}"),
+            self.link,
+            self.settings.links,
+        );
         while let Some(Opened {
             connection,
             channel,

@@ -5,6 +5,8 @@
 use std::time::{Duration, Instant};
 
 use gozon::app::cli::Role;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 
 use crate::helpers::{AMQP, TestEnv};
 
@@ -22,17 +24,14 @@ async fn an_instance_reaches_a_live_node_when_the_first_it_names_is_down() {
         "ready in {:?}",
         started.elapsed()
     );
-    let ready: serde_json::Value = app
-        .client
-        .get(format!("{}/health/ready", app.address))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // Ready once each work has a live link; the second links come up just after.
+    let ready = all_links_up(&app).await;
     let nodes = ready["broker"].as_object().expect("the node of each task");
-    assert_eq!(nodes.len(), 4, "two relays and two consumers: {ready}");
+    assert_eq!(
+        nodes.len(),
+        6,
+        "two relays, and two consumers over two links each: {ready}"
+    );
     assert!(
         nodes.values().all(|node| node == "127.0.0.1:5672"),
         "{ready}"
@@ -43,6 +42,28 @@ async fn an_instance_reaches_a_live_node_when_the_first_it_names_is_down() {
         .wait_until_final(order.str("id"), Duration::from_secs(10))
         .await;
     assert_eq!(paid.str("status"), "FINISHED");
+}
+
+/// Readiness, once every link it lists is connected (within 10 s).
+async fn all_links_up(app: &crate::helpers::TestApp) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready: serde_json::Value = app
+            .client
+            .get(format!("{}/health/ready", app.address))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let links = ready["broker"].as_object().cloned().unwrap_or_default();
+        if !links.is_empty() && links.values().all(|node| node.is_string()) {
+            return ready;
+        }
+        assert!(Instant::now() < deadline, "links still down: {ready}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
@@ -93,4 +114,141 @@ async fn start_up_waits_for_a_database_that_does_not_answer_and_stops_at_one_tha
         .unwrap();
     assert_eq!(refused.status.code(), Some(1));
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// A broker node as its clients see it, forwarding to the real broker, that can go silent:
+/// while frozen it moves no byte either way and closes nothing, as a node partitioned away looks
+/// from the client's side.
+struct SilentableNode {
+    port: u16,
+    frozen: watch::Sender<bool>,
+}
+
+impl SilentableNode {
+    async fn start() -> SilentableNode {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (frozen, watching) = watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (broker_read, broker_write) = broker.into_split();
+                tokio::spawn(pump(client_read, broker_write, watching.clone()));
+                tokio::spawn(pump(broker_read, client_write, watching.clone()));
+            }
+        });
+        SilentableNode { port, frozen }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn label(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        if frozen.wait_for(|frozen| !frozen).await.is_err() {
+            return;
+        }
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        // What arrived as the node went silent is held until it speaks again.
+        if frozen.wait_for(|frozen| !frozen).await.is_err() {
+            return;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_consumer_keeps_consuming_over_its_other_link_while_one_node_is_silent() {
+    let env = TestEnv::new();
+    let (first, second) = (SilentableNode::start().await, SilentableNode::start().await);
+    let mut settings = env.settings();
+    settings.amqp_url = format!("{},{}", first.url(), second.url());
+    // The default heartbeat (10 s): lapin and the broker notice the silence only after ~20 s.
+    settings.amqp_heartbeat_secs = 10;
+    settings.amqp_timeout_ms = 1_000;
+    // One delivery in hand per link: the silent link holds at most one of each queue's.
+    settings.consumer_concurrency = 2;
+    settings.prefetch = 2;
+    let app = env.spawn_with(&settings, Role::All).await;
+    app.wait_until_ready().await;
+    app.funded_account("silent", "100").await;
+    let ready = all_links_up(&app).await;
+    let link = |queue: &str, n: usize| {
+        ready["broker"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(task, _)| {
+                task.starts_with("consumer ")
+                    && task.contains(queue)
+                    && task.ends_with(&format!("(link {n} of 2)"))
+            })
+            .map(|(_, node)| node.as_str().unwrap_or_default().to_owned())
+            .unwrap_or_else(|| panic!("no link {n} of {queue}: {ready}"))
+    };
+    for queue in ["payments.payment-requests", "orders.payment-results"] {
+        assert_ne!(link(queue, 1), link(queue, 2), "{ready}");
+    }
+    let silent = if link("payments.payment-requests", 1) == first.label() {
+        &first
+    } else {
+        &second
+    };
+    silent.freeze(true);
+
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(app.create_order("silent", "1").await.str("id").to_owned());
+    }
+    // Each queue's silent link holds at most one delivery (a relay on the silent node gives its
+    // batch up after 1 s and sends it again elsewhere): the rest is paid well before either side
+    // gives the silent connections up.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let finals = loop {
+        let mut finals = 0;
+        for id in &ids {
+            if app.order(id).await.str("status") != "NEW" {
+                finals += 1;
+            }
+        }
+        if finals >= ids.len() - 2 || Instant::now() > deadline {
+            break finals;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        finals >= ids.len() - 2,
+        "only {finals} of {} orders final while one node is silent",
+        ids.len()
+    );
+
+    silent.freeze(false);
+    for id in &ids {
+        let order = app.wait_until_final(id, Duration::from_secs(30)).await;
+        assert_eq!(order.str("status"), "FINISHED", "{}", order.body);
+    }
+    assert_eq!(app.balance("silent").await.str("balance"), "88.00");
 }
