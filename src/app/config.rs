@@ -140,6 +140,12 @@ pub struct Settings {
     #[arg(long, env = "GOZON_QUEUE_EXPIRES_SECS", hide = true)]
     pub queue_expires_secs: Option<u64>,
 
+    /// How long, in milliseconds, a relay first waits for a batch's publisher confirms before
+    /// it sends the batch again over a new connection (doubled after each wait that runs out,
+    /// up to --amqp-timeout-ms; back to this once a batch is confirmed).
+    #[arg(long, env = "GOZON_AMQP_CONFIRM_PATIENCE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub amqp_confirm_patience_ms: u64,
+
     /// Bound, in milliseconds, on each broker round trip (connect, declare, confirm, ack).
     #[arg(long, env = "GOZON_AMQP_TIMEOUT_MS", default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(100..))]
     pub amqp_timeout_ms: u64,
@@ -541,6 +547,7 @@ impl Settings {
             poll_interval: Duration::from_millis(self.outbox_poll_ms),
             batch_size: self.outbox_batch,
             db_timeout: self.db_pool().operation_timeout(),
+            confirm_patience: Duration::from_millis(self.amqp_confirm_patience_ms),
         }
     }
 
@@ -601,6 +608,7 @@ impl fmt::Debug for Settings {
             .field("consumer_links", &self.consumer_links)
             .field("queue_expires_secs", &self.queue_expires_secs)
             .field("amqp_timeout_ms", &self.amqp_timeout_ms)
+            .field("amqp_confirm_patience_ms", &self.amqp_confirm_patience_ms)
             .field("outbox_poll_ms", &self.outbox_poll_ms)
             .field("outbox_batch", &self.outbox_batch)
             .field("outbox_retention_secs", &self.outbox_retention_secs)

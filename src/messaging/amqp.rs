@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::Retryable;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -23,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 use crate::kernel::backoff;
 use crate::messaging::signing::Keyring;
 use crate::ops::metrics::Metrics;
+
+/// How long a connection attempt has to one node before the next node is tried beside it.
+pub const CONNECT_STAGGER: Duration = Duration::from_millis(500);
 
 /// A queue some consumer reads, and the message types routed to it.
 #[derive(Clone, Copy, Debug)]
@@ -391,50 +396,71 @@ impl Broker {
 
     /// Connects and opens one channel, declaring nothing: for tools that must not redeclare
     /// queues with arguments of their own (which the broker would refuse as inequivalent).
-    /// Tries the nodes in turn from the preferred one, so any live node is reached in one
-    /// attempt; the node that answered is preferred from then on.
+    /// Tries the nodes from the preferred one on; a node that has not answered within
+    /// [`CONNECT_STAGGER`] gets the next one tried beside it (a silent node, partitioned away,
+    /// costs that much instead of a whole connect timeout). The first node to answer wins and is
+    /// preferred from then on.
     pub async fn open_bare_channel(&self, name: &str) -> Result<Opened, AmqpError> {
         let nodes = &self.settings.nodes;
         let first = self.preferred.load(Ordering::Relaxed);
+        let mut attempts = FuturesUnordered::new();
+        let mut launched = 0;
         let mut last_error = None;
-        for offset in 0..nodes.len() {
-            let index = (first + offset) % nodes.len();
-            let node = &nodes[index];
-            let properties = ConnectionProperties::default().with_connection_name(name.into());
-            let limit = self.settings.connect_timeout.min(self.settings.io_timeout);
-            let connected =
-                match tokio::time::timeout(limit, Connection::connect(&node.url, properties)).await
-                {
-                    Ok(Ok(connection)) => Ok(connection),
-                    Ok(Err(error)) => Err(AmqpError::from(error)),
-                    Err(_) => Err(AmqpError::Timeout(limit)),
-                };
-            let opened = match connected {
-                Ok(connection) => match self.timed(connection.create_channel()).await {
-                    Ok(channel) => Ok(Opened {
-                        connection,
-                        channel,
-                        node: node.label.clone(),
-                    }),
-                    Err(error) => Err(error),
+        loop {
+            if launched < nodes.len() {
+                let index = (first + launched) % nodes.len();
+                attempts.push(self.open_on(name, index));
+                launched += 1;
+            }
+            let stagger = tokio::time::sleep(CONNECT_STAGGER);
+            tokio::select! {
+                done = attempts.next() => match done {
+                    Some((index, Ok(opened))) => {
+                        self.preferred.store(index, Ordering::Relaxed);
+                        return Ok(opened);
+                    }
+                    Some((index, Err(error))) => {
+                        let node = &nodes[index].label;
+                        tracing::debug!(task = name, %node, %error, "broker node unavailable");
+                        last_error = Some(AmqpError::Node(node.clone(), Box::new(error)));
+                        if attempts.is_empty() && launched >= nodes.len() {
+                            break;
+                        }
+                    }
+                    None => break,
                 },
-                Err(error) => Err(error),
-            };
-            match opened {
-                Ok(opened) => {
-                    self.preferred.store(index, Ordering::Relaxed);
-                    return Ok(opened);
-                }
-                Err(error) => {
-                    tracing::debug!(task = name, node = %node.label, %error, "broker node unavailable");
-                    last_error = Some(AmqpError::Node(node.label.clone(), Box::new(error)));
-                }
+                () = stagger, if launched < nodes.len() => {}
             }
         }
         // The next attempt starts one node further on.
         self.preferred
             .store((first + 1) % nodes.len().max(1), Ordering::Relaxed);
         Err(last_error.unwrap_or(AmqpError::Timeout(self.settings.connect_timeout)))
+    }
+
+    /// One attempt at node `index`: connect and open a channel, each bounded.
+    async fn open_on(&self, name: &str, index: usize) -> (usize, Result<Opened, AmqpError>) {
+        let node = &self.settings.nodes[index];
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let limit = self.settings.connect_timeout.min(self.settings.io_timeout);
+        let connected =
+            match tokio::time::timeout(limit, Connection::connect(&node.url, properties)).await {
+                Ok(Ok(connection)) => connection,
+                Ok(Err(error)) => return (index, Err(AmqpError::from(error))),
+                Err(_) => return (index, Err(AmqpError::Timeout(limit))),
+            };
+        let opened = match self.timed(connected.create_channel()).await {
+            Ok(channel) => Ok(Opened {
+                connection: connected,
+                channel,
+                node: node.label.clone(),
+            }),
+            Err(error) => {
+                self.close_in_background(connected, "no channel");
+                Err(error)
+            }
+        };
+        (index, opened)
     }
 
     /// After losing a connection to a node, the next one starts at another node.

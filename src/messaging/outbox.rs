@@ -112,6 +112,13 @@ pub struct RelaySettings {
     /// How long the database part of a batch may take before it is dropped (with its
     /// connection): a vanished server holds nothing for long.
     pub db_timeout: Duration,
+    /// How long a batch first waits for its confirms before it is given up and sent again over
+    /// a new connection; doubled after each batch that ran out of it, up to the broker I/O
+    /// timeout, and back to this after a confirmed batch. A queue that lost its leader confirms
+    /// nothing sent to it meanwhile, so this bounds how late an order's request goes out once a
+    /// new leader is there; the doubling keeps a slow but working broker from being flooded
+    /// with copies.
+    pub confirm_patience: Duration,
 }
 
 /// Publishes one schema's outbox. Several relays over the same table (in one process or many)
@@ -146,7 +153,11 @@ impl Relay {
     /// them as persistent messages, waits for every confirm, and only then commits: the mark
     /// becomes true (and visible) only once the broker has confirmed every row. Returns how many
     /// rows it sent; on any error the transaction rolls back and the rows stay unsent.
-    async fn relay_batch(&self, channel: &Channel) -> Result<usize, RelayError> {
+    async fn relay_batch(
+        &self,
+        channel: &Channel,
+        patience: Duration,
+    ) -> Result<usize, RelayError> {
         let schema = self.schema;
         let txn = self.db.begin().await?;
         // SKIP LOCKED: a row another relay has claimed is skipped, not waited for and not
@@ -170,7 +181,7 @@ impl Relay {
         // In the order they were written (RETURNING keeps none).
         rows.sort_unstable_by_key(|row| row.seq);
         let publishing = std::time::Instant::now();
-        self.publish_confirmed(channel, &rows).await?;
+        self.publish_confirmed(channel, &rows, patience).await?;
         let took = publishing.elapsed().as_secs_f64();
         self.broker.metrics().relay_published(schema, took);
         txn.commit().await?;
@@ -179,11 +190,13 @@ impl Relay {
         Ok(rows.len())
     }
 
-    /// Publishes every row with its confirm in flight, then waits for all the confirms.
+    /// Publishes every row with its confirm in flight, then waits up to `patience` for all the
+    /// confirms.
     async fn publish_confirmed(
         &self,
         channel: &Channel,
         rows: &[PendingRow],
+        patience: Duration,
     ) -> Result<(), RelayError> {
         let mut confirms = Vec::with_capacity(rows.len());
         // A span per traced message, open until the broker confirms it.
@@ -224,13 +237,18 @@ impl Relay {
                 .await?;
             confirms.push((row.message_id, confirm));
         }
-        for (message_id, confirm) in confirms {
-            let confirmation = self.broker.timed(confirm).await?;
-            if !confirmation.is_ack() || confirmation.take_message().is_some() {
-                return Err(RelayError::Refused(message_id));
+        let confirmed = async {
+            for (message_id, confirm) in confirms {
+                let confirmation = confirm.await.map_err(AmqpError::from)?;
+                if !confirmation.is_ack() || confirmation.take_message().is_some() {
+                    return Err(RelayError::Refused(message_id));
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        };
+        tokio::time::timeout(patience, confirmed)
+            .await
+            .map_err(|_| RelayError::Amqp(AmqpError::Timeout(patience)))?
     }
 
     /// Persistent, identified, correlated, signed, and traced when its writer was.
@@ -274,6 +292,8 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let name = format!("{}-outbox-relay", self.schema);
         let mut db_delays = Delays::new();
+        let most = self.broker.settings().io_timeout;
+        let mut patience = self.settings.confirm_patience.min(most);
         while let Some(Opened {
             connection,
             channel,
@@ -288,8 +308,11 @@ impl Relay {
                     tracing::warn!(task = %name, %node, "outbox relay's broker connection is gone; reconnecting");
                     break true;
                 }
-                match self.drain(&channel).await {
-                    Ok(()) => db_delays = Delays::new(),
+                match self.drain(&channel, patience).await {
+                    Ok(()) => {
+                        db_delays = Delays::new();
+                        patience = self.settings.confirm_patience.min(most);
+                    }
                     Err(RelayError::Db(error)) => {
                         let pause = db_delays.next_delay();
                         tracing::warn!(task = %name, %error, retry_in = ?pause, "outbox relay cannot read the database");
@@ -299,6 +322,9 @@ impl Relay {
                         }
                     }
                     Err(error) => {
+                        if matches!(error, RelayError::Amqp(AmqpError::Timeout(_))) {
+                            patience = (patience * 2).min(most);
+                        }
                         tracing::warn!(task = %name, %error, "outbox relay lost the broker; reconnecting");
                         break true;
                     }
@@ -325,11 +351,12 @@ impl Relay {
         tracing::info!(task = %name, "outbox relay stopped");
     }
 
-    async fn drain(&self, channel: &Channel) -> Result<(), RelayError> {
+    async fn drain(&self, channel: &Channel, patience: Duration) -> Result<(), RelayError> {
         // The batch's database work, plus its broker round trips (each bounded on its own).
         let limit = self.settings.db_timeout + self.broker.settings().io_timeout;
         loop {
-            let sent = match tokio::time::timeout(limit, self.relay_batch(channel)).await {
+            let sent = match tokio::time::timeout(limit, self.relay_batch(channel, patience)).await
+            {
                 Ok(sent) => sent?,
                 Err(_) => {
                     return Err(RelayError::Db(DbErr::Custom(format!(

@@ -44,6 +44,36 @@ async fn an_instance_reaches_a_live_node_when_the_first_it_names_is_down() {
     assert_eq!(paid.str("status"), "FINISHED");
 }
 
+#[tokio::test]
+async fn a_silent_node_costs_a_stagger_not_a_connect_timeout() {
+    let env = TestEnv::new();
+    // A node that accepts TCP connections (the kernel does, from its backlog) and never says a
+    // word: a node partitioned away, as a client first meets it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let mut settings = env.settings();
+    settings.amqp_url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f,{AMQP}");
+    // Tried one after the other, each task would wait 30 s on the silent node first.
+    settings.amqp_connect_timeout_ms = 30_000;
+    settings.amqp_timeout_ms = 30_000;
+    // Two links per consumer, starting at different nodes: one of each starts at the silent one.
+    settings.consumer_links = 2;
+    let started = Instant::now();
+    let app = env.spawn_with(&settings, Role::All).await;
+    let ready = all_links_up(&app).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "every link up after {:?}",
+        started.elapsed()
+    );
+    let nodes = ready["broker"].as_object().unwrap();
+    assert!(
+        nodes.values().all(|node| node == "127.0.0.1:5672"),
+        "{ready}"
+    );
+    drop(silent);
+}
+
 /// Readiness, once every link it lists is connected (within 10 s).
 async fn all_links_up(app: &crate::helpers::TestApp) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -251,4 +281,49 @@ async fn a_consumer_keeps_consuming_over_its_other_link_while_one_node_is_silent
         assert_eq!(order.str("status"), "FINISHED", "{}", order.body);
     }
     assert_eq!(app.balance("silent").await.str("balance"), "88.00");
+}
+
+#[tokio::test]
+async fn a_relay_whose_node_goes_silent_sends_its_batch_again_elsewhere() {
+    let env = TestEnv::new();
+    let (first, second) = (SilentableNode::start().await, SilentableNode::start().await);
+    // Payments straight on the broker; Orders through the two nodes, its relay and its one
+    // consumer link on the same one.
+    let payments = env.spawn(Role::Payments).await;
+    let mut settings = env.settings();
+    settings.amqp_url = format!("{},{}", first.url(), second.url());
+    settings.consumer_links = 1;
+    // Nothing but the relay's confirm patience (1 s by default) gives the silent node up: the
+    // heartbeat and every other broker timeout are far longer.
+    settings.amqp_heartbeat_secs = 60;
+    settings.amqp_timeout_ms = 60_000;
+    settings.amqp_connect_timeout_ms = 60_000;
+    let orders = env.spawn_with(&settings, Role::Orders).await;
+    orders.wait_until_ready().await;
+    payments.funded_account("relayed", "10").await;
+    let ready = all_links_up(&orders).await;
+    let relay = ready["broker"]["orders-outbox-relay"].as_str().unwrap();
+    let silent = if relay == first.label() {
+        &first
+    } else {
+        &second
+    };
+    silent.freeze(true);
+    let order = orders.create_order("relayed", "4").await;
+    // The request reaches Payments through the other node: the debit lands.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while payments.balance("relayed").await.str("balance") != "6.00" {
+        assert!(
+            Instant::now() < deadline,
+            "the payment request was not sent again through the other node"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The answer waits on Orders' one consumer link, silent too, until the node speaks again.
+    silent.freeze(false);
+    let paid = orders
+        .wait_until_final(order.str("id"), Duration::from_secs(15))
+        .await;
+    assert_eq!(paid.str("status"), "FINISHED");
+    assert_eq!(payments.balance("relayed").await.str("balance"), "6.00");
 }

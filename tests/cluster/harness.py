@@ -226,7 +226,7 @@ def up():
         f.write("cluster_partition_handling = pause_minority\n")
         # Nodes notice a lost peer within ~4 s (Erlang's default, 60 s, outlasts the faults, and holds
         # the deliveries a consumer on the lost node had been sent).
-        f.write("net_ticktime = 4\n")
+        f.write(f"net_ticktime = {os.environ.get('CLUSTER_NET_TICKTIME', '4')}\n")
     for node in NODES:
         start_rabbitmq(node)
     start_postgres()
@@ -245,6 +245,17 @@ def up():
     global GATEWAY
     GATEWAY = f"http://{ip('gateway')}:8000"
     wait("the gateway", lambda: http("GET", f"{GATEWAY}/api/orders/orders?user_id=x")[0] == 200)
+
+
+def save_logs():
+    """Every container's log, to target/cluster-logs/ (what the table cannot say)."""
+    folder = os.path.join(os.path.dirname(REPORT), "cluster-logs")
+    os.makedirs(folder, exist_ok=True)
+    names = podman("ps", "-a", "--format", "{{.Names}}", "--filter", f"network={NET}", check=False).stdout.split()
+    for name in names:
+        logs = podman("logs", "-t", name, check=False)
+        with open(os.path.join(folder, f"{name}.log"), "w") as f:
+            f.write(logs.stdout + logs.stderr)
 
 
 def down():
@@ -459,7 +470,12 @@ def fault_b():
 
 
 def fault_c():
-    node = random.choice(NODES)
+    # CLUSTER_PARTITION=leader partitions the node leading most of the app's queues.
+    if os.environ.get("CLUSTER_PARTITION") == "leader":
+        leaders = queue_leaders()
+        node = max(NODES, key=leaders.count)
+    else:
+        node = random.choice(NODES)
     log(f"(c) partitioning {node} from the other nodes and the apps for 30 s")
     partition(node, True)
     time.sleep(30)
@@ -606,6 +622,7 @@ def main():
         rows.append(row)
         log(json.dumps(row))
     write_report(rows, time.monotonic() - started)
+    save_logs()
     down()
     ok = all(r["lost"] == 0 and r["doubled"] == 0 and r["not final"] == 0 and r["balances exact"]
              and r["audit"] == "passed" for r in rows)
