@@ -112,12 +112,12 @@ pub struct RelaySettings {
     /// How long the database part of a batch may take before it is dropped (with its
     /// connection): a vanished server holds nothing for long.
     pub db_timeout: Duration,
-    /// How long a batch first waits for its confirms before it is given up and sent again over
-    /// a new connection; doubled after each batch that ran out of it, up to the broker I/O
-    /// timeout, and back to this after a confirmed batch. A queue that lost its leader confirms
+    /// The least a batch waits for its confirms before it is given up and sent again over a
+    /// new connection. The wait doubles after each batch that ran out of it, follows four times
+    /// the slowest confirm of the batches that made it, and eases back by a tenth a round
+    /// otherwise, never past the broker I/O timeout. A queue that lost its leader confirms
     /// nothing sent to it meanwhile, so this bounds how late an order's request goes out once a
-    /// new leader is there; the doubling keeps a slow but working broker from being flooded
-    /// with copies.
+    /// new leader is there; the rest keeps a slow but working broker from being sent copies.
     pub confirm_patience: Duration,
 }
 
@@ -152,12 +152,13 @@ impl Relay {
     /// Claims up to one batch of unsent rows and marks them sent in one statement, publishes
     /// them as persistent messages, waits for every confirm, and only then commits: the mark
     /// becomes true (and visible) only once the broker has confirmed every row. Returns how many
-    /// rows it sent; on any error the transaction rolls back and the rows stay unsent.
+    /// rows it sent and how long their confirms took; on any error the transaction rolls back
+    /// and the rows stay unsent.
     async fn relay_batch(
         &self,
         channel: &Channel,
         patience: Duration,
-    ) -> Result<usize, RelayError> {
+    ) -> Result<(usize, Duration), RelayError> {
         let schema = self.schema;
         let txn = self.db.begin().await?;
         // SKIP LOCKED: a row another relay has claimed is skipped, not waited for and not
@@ -176,18 +177,20 @@ impl Relay {
         .await?;
         if rows.is_empty() {
             txn.commit().await?;
-            return Ok(0);
+            return Ok((0, Duration::ZERO));
         }
         // In the order they were written (RETURNING keeps none).
         rows.sort_unstable_by_key(|row| row.seq);
         let publishing = std::time::Instant::now();
         self.publish_confirmed(channel, &rows, patience).await?;
-        let took = publishing.elapsed().as_secs_f64();
-        self.broker.metrics().relay_published(schema, took);
+        let took = publishing.elapsed();
+        self.broker
+            .metrics()
+            .relay_published(schema, took.as_secs_f64());
         txn.commit().await?;
         self.broker.metrics().published(schema, rows.len());
         tracing::debug!(schema, sent = rows.len(), "outbox batch published");
-        Ok(rows.len())
+        Ok((rows.len(), took))
     }
 
     /// Publishes every row with its confirm in flight, then waits up to `patience` for all the
@@ -293,7 +296,8 @@ impl Relay {
         let name = format!("{}-outbox-relay", self.schema);
         let mut db_delays = Delays::new();
         let most = self.broker.settings().io_timeout;
-        let mut patience = self.settings.confirm_patience.min(most);
+        let least = self.settings.confirm_patience.min(most);
+        let mut patience = least;
         while let Some(Opened {
             connection,
             channel,
@@ -309,9 +313,9 @@ impl Relay {
                     break true;
                 }
                 match self.drain(&channel, patience).await {
-                    Ok(()) => {
+                    Ok(slowest) => {
                         db_delays = Delays::new();
-                        patience = self.settings.confirm_patience.min(most);
+                        patience = (slowest * 4).max(patience.mul_f64(0.9)).clamp(least, most);
                     }
                     Err(RelayError::Db(error)) => {
                         let pause = db_delays.next_delay();
@@ -351,21 +355,24 @@ impl Relay {
         tracing::info!(task = %name, "outbox relay stopped");
     }
 
-    async fn drain(&self, channel: &Channel, patience: Duration) -> Result<(), RelayError> {
+    /// Sends batches until one is not full; how long the slowest one's confirms took.
+    async fn drain(&self, channel: &Channel, patience: Duration) -> Result<Duration, RelayError> {
         // The batch's database work, plus its broker round trips (each bounded on its own).
         let limit = self.settings.db_timeout + self.broker.settings().io_timeout;
+        let mut slowest = Duration::ZERO;
         loop {
-            let sent = match tokio::time::timeout(limit, self.relay_batch(channel, patience)).await
-            {
-                Ok(sent) => sent?,
-                Err(_) => {
-                    return Err(RelayError::Db(DbErr::Custom(format!(
-                        "an outbox batch took longer than {limit:?}"
-                    ))));
-                }
-            };
+            let (sent, took) =
+                match tokio::time::timeout(limit, self.relay_batch(channel, patience)).await {
+                    Ok(sent) => sent?,
+                    Err(_) => {
+                        return Err(RelayError::Db(DbErr::Custom(format!(
+                            "an outbox batch took longer than {limit:?}"
+                        ))));
+                    }
+                };
+            slowest = slowest.max(took);
             if sent < self.settings.batch_size as usize {
-                return Ok(());
+                return Ok(slowest);
             }
         }
     }

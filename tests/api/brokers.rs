@@ -327,3 +327,105 @@ async fn a_relay_whose_node_goes_silent_sends_its_batch_again_elsewhere() {
     assert_eq!(paid.str("status"), "FINISHED");
     assert_eq!(payments.balance("relayed").await.str("balance"), "6.00");
 }
+
+/// A broker node whose answers (confirms, deliveries, heartbeats) arrive `delay` late once
+/// slowed: a slow but working broker.
+struct SlowNode {
+    port: u16,
+    delay: watch::Sender<Duration>,
+}
+
+impl SlowNode {
+    async fn start() -> SlowNode {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (delay, watching) = watch::channel(Duration::ZERO);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (broker_read, broker_write) = broker.into_split();
+                let (_, never) = watch::channel(false);
+                tokio::spawn(pump(client_read, broker_write, never));
+                tokio::spawn(late(broker_read, client_write, watching.clone()));
+            }
+        });
+        SlowNode { port, delay }
+    }
+}
+
+/// Forwards what `from` says, each chunk `delay` after it arrived, in order.
+async fn late(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: watch::Receiver<Duration>,
+) {
+    let (send, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    tokio::spawn(async move {
+        while let Some((at, bytes)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        let at = tokio::time::Instant::now() + *delay.borrow();
+        if send.send((at, buffer[..read].to_vec())).is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slow_broker_is_not_sent_copies_of_every_batch() {
+    let env = TestEnv::new();
+    let node = SlowNode::start().await;
+    let mut settings = env.settings();
+    settings.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", node.port);
+    settings.amqp_timeout_ms = 20_000;
+    settings.amqp_connect_timeout_ms = 20_000;
+    let app = env.spawn_with(&settings, Role::All).await;
+    app.wait_until_ready().await;
+    app.funded_account("slow", "100").await;
+    // Every confirm now takes 1.2 s, more than the relays' first patience (1 s).
+    node.delay.send_replace(Duration::from_millis(1_200));
+    let mut ids = Vec::new();
+    // One order every 1.5 s: each its own batch, once the relays have reconnected.
+    for _ in 0..10 {
+        ids.push(app.create_order("slow", "1").await.str("id").to_owned());
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+    }
+    for id in &ids {
+        let order = app.wait_until_final(id, Duration::from_secs(60)).await;
+        assert_eq!(order.str("status"), "FINISHED", "{}", order.body);
+    }
+    assert_eq!(app.balance("slow").await.str("balance"), "90.00");
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let copies: f64 = text
+        .lines()
+        .filter(|line| {
+            line.starts_with("gozon_messages_consumed_total")
+                && line.contains(r#"outcome="duplicate""#)
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    // Each relay gives up its first batch or two, then waits as long as the broker takes: of
+    // 20 messages (10 requests, 10 answers), a few arrive twice, not most.
+    assert!(copies <= 4.0, "{copies} copies delivered:\n{text}");
+}
