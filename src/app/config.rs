@@ -84,6 +84,11 @@ pub struct Settings {
     #[arg(long, env = "GOZON_AMQP_CONNECT_TIMEOUT_MS", default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(100..))]
     pub amqp_connect_timeout_ms: u64,
 
+    /// Milliseconds a connection attempt has to one node before the next node is tried beside
+    /// it (the first to answer wins): what a silent node costs a reconnect.
+    #[arg(long, env = "GOZON_AMQP_CONNECT_STAGGER_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..))]
+    pub amqp_connect_stagger_ms: u64,
+
     /// Members of each quorum queue at its creation (capped by the cluster's size).
     #[arg(long, env = "GOZON_AMQP_QUORUM_SIZE", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
     pub amqp_quorum_size: u16,
@@ -516,6 +521,7 @@ impl Settings {
         Ok(BrokerSettings {
             nodes,
             connect_timeout: Duration::from_millis(self.amqp_connect_timeout_ms),
+            connect_stagger: Duration::from_millis(self.amqp_connect_stagger_ms),
             quorum_size: self.amqp_quorum_size,
             leader_locator: self.amqp_leader_locator.clone(),
             prefix: self.amqp_prefix.clone(),
@@ -608,6 +614,7 @@ impl fmt::Debug for Settings {
             .field("consumer_links", &self.consumer_links)
             .field("queue_expires_secs", &self.queue_expires_secs)
             .field("amqp_timeout_ms", &self.amqp_timeout_ms)
+            .field("amqp_connect_stagger_ms", &self.amqp_connect_stagger_ms)
             .field("amqp_confirm_patience_ms", &self.amqp_confirm_patience_ms)
             .field("outbox_poll_ms", &self.outbox_poll_ms)
             .field("outbox_batch", &self.outbox_batch)

@@ -26,9 +26,6 @@ use crate::kernel::backoff;
 use crate::messaging::signing::Keyring;
 use crate::ops::metrics::Metrics;
 
-/// How long a connection attempt has to one node before the next node is tried beside it.
-pub const CONNECT_STAGGER: Duration = Duration::from_millis(500);
-
 /// A queue some consumer reads, and the message types routed to it.
 #[derive(Clone, Copy, Debug)]
 pub struct QueueSpec {
@@ -53,6 +50,8 @@ pub struct BrokerSettings {
     pub nodes: Vec<BrokerNode>,
     /// How long one node may take to accept a connection before the next is tried.
     pub connect_timeout: Duration,
+    /// How long a connection attempt has to one node before the next node is tried beside it.
+    pub connect_stagger: Duration,
     /// Members of a quorum queue at its creation.
     pub quorum_size: u16,
     /// `x-queue-leader-locator` of a new quorum queue.
@@ -85,6 +84,9 @@ pub struct Broker {
     /// The node this instance's next connection tries first: one chosen at random per
     /// instance (so instances spread over the nodes), moved on when a node fails.
     preferred: Arc<AtomicUsize>,
+    /// A consumer link's own node, which each of its connections tries first (so two links of
+    /// one work, once moved together by a failure, part again at the next reconnect).
+    home: Option<usize>,
     links: BrokerLinks,
     metrics: Metrics,
 }
@@ -289,19 +291,22 @@ impl Broker {
             queues: Arc::new(queues),
             owned: Arc::new(owned),
             preferred: Arc::new(AtomicUsize::new(preferred)),
+            home: None,
             links: BrokerLinks::default(),
             metrics: Metrics::default(),
         }
     }
 
-    /// The same broker, whose connections start `offset` nodes past this one's preferred node
-    /// and move on from there on their own: a second consumer link of an instance then sits on
-    /// another node than its first, so the loss of one node leaves the instance consuming.
+    /// The same broker, whose every connection tries first the node `offset` nodes past this
+    /// one's preferred node (its home), then the others: a second consumer link of an instance
+    /// sits on another node than its first, so the loss of one node leaves the instance
+    /// consuming, and goes home again whenever it reconnects.
     pub fn starting_at(&self, offset: usize) -> Broker {
         let nodes = self.settings.nodes.len().max(1);
-        let first = (self.preferred.load(Ordering::Relaxed) + offset) % nodes;
+        let home = (self.preferred.load(Ordering::Relaxed) + offset) % nodes;
         Broker {
-            preferred: Arc::new(AtomicUsize::new(first)),
+            preferred: Arc::new(AtomicUsize::new(home)),
+            home: Some(home),
             ..self.clone()
         }
     }
@@ -397,12 +402,14 @@ impl Broker {
     /// Connects and opens one channel, declaring nothing: for tools that must not redeclare
     /// queues with arguments of their own (which the broker would refuse as inequivalent).
     /// Tries the nodes from the preferred one on; a node that has not answered within
-    /// [`CONNECT_STAGGER`] gets the next one tried beside it (a silent node, partitioned away,
+    /// the connect stagger gets the next one tried beside it (a silent node, partitioned away,
     /// costs that much instead of a whole connect timeout). The first node to answer wins and is
     /// preferred from then on.
     pub async fn open_bare_channel(&self, name: &str) -> Result<Opened, AmqpError> {
         let nodes = &self.settings.nodes;
-        let first = self.preferred.load(Ordering::Relaxed);
+        let first = self
+            .home
+            .unwrap_or_else(|| self.preferred.load(Ordering::Relaxed));
         let mut attempts = FuturesUnordered::new();
         let mut launched = 0;
         let mut last_error = None;
@@ -412,7 +419,7 @@ impl Broker {
                 attempts.push(self.open_on(name, index));
                 launched += 1;
             }
-            let stagger = tokio::time::sleep(CONNECT_STAGGER);
+            let stagger = tokio::time::sleep(self.settings.connect_stagger);
             tokio::select! {
                 done = attempts.next() => match done {
                     Some((index, Ok(opened))) => {

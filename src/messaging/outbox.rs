@@ -114,8 +114,8 @@ pub struct RelaySettings {
     pub db_timeout: Duration,
     /// The least a batch waits for its confirms before it is given up and sent again over a
     /// new connection. The wait doubles after each batch that ran out of it, follows four times
-    /// the slowest confirm of the batches that made it, and eases back by a tenth a round
-    /// otherwise, never past the broker I/O timeout. A queue that lost its leader confirms
+    /// the slowest confirm of the batches that made it, easing back by a tenth a round that
+    /// sent something, never past the broker I/O timeout. A queue that lost its leader confirms
     /// nothing sent to it meanwhile, so this bounds how late an order's request goes out once a
     /// new leader is there; the rest keeps a slow but working broker from being sent copies.
     pub confirm_patience: Duration,
@@ -315,7 +315,10 @@ impl Relay {
                 match self.drain(&channel, patience).await {
                     Ok(slowest) => {
                         db_delays = Delays::new();
-                        patience = (slowest * 4).max(patience.mul_f64(0.9)).clamp(least, most);
+                        // Only rounds that sent something say how fast the broker confirms.
+                        if let Some(slowest) = slowest {
+                            patience = (slowest * 4).max(patience.mul_f64(0.9)).clamp(least, most);
+                        }
                     }
                     Err(RelayError::Db(error)) => {
                         let pause = db_delays.next_delay();
@@ -355,11 +358,16 @@ impl Relay {
         tracing::info!(task = %name, "outbox relay stopped");
     }
 
-    /// Sends batches until one is not full; how long the slowest one's confirms took.
-    async fn drain(&self, channel: &Channel, patience: Duration) -> Result<Duration, RelayError> {
+    /// Sends batches until one is not full; how long the slowest one's confirms took, if any
+    /// was sent.
+    async fn drain(
+        &self,
+        channel: &Channel,
+        patience: Duration,
+    ) -> Result<Option<Duration>, RelayError> {
         // The batch's database work, plus its broker round trips (each bounded on its own).
         let limit = self.settings.db_timeout + self.broker.settings().io_timeout;
-        let mut slowest = Duration::ZERO;
+        let mut slowest = None;
         loop {
             let (sent, took) =
                 match tokio::time::timeout(limit, self.relay_batch(channel, patience)).await {
@@ -370,7 +378,9 @@ impl Relay {
                         ))));
                     }
                 };
-            slowest = slowest.max(took);
+            if sent > 0 {
+                slowest = slowest.max(Some(took));
+            }
             if sent < self.settings.batch_size as usize {
                 return Ok(slowest);
             }

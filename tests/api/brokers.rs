@@ -222,6 +222,8 @@ async fn a_consumer_keeps_consuming_over_its_other_link_while_one_node_is_silent
     // One delivery in hand per link: the silent link holds at most one of each queue's.
     settings.consumer_concurrency = 2;
     settings.prefetch = 2;
+    // Each link on its own node however slowly the first one answers on busy cores.
+    settings.amqp_connect_stagger_ms = 5_000;
     let app = env.spawn_with(&settings, Role::All).await;
     app.wait_until_ready().await;
     app.funded_account("silent", "100").await;
