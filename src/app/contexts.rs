@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::config::Settings;
 use crate::app::routes::{TITLE, VERSION};
+use crate::kernel::duty::Duty;
 use crate::messaging::amqp::{Broker, QueueSpec};
 use crate::messaging::consumer::{Consumer, Handler};
 use crate::messaging::outbox::{Housekeeper, Relay};
@@ -66,6 +67,7 @@ pub const ORDERS: BoundedContext = BoundedContext {
         );
         workers.tasks.spawn(sweeper);
         let events = OrderEvents::new(workers.settings.stream_limits());
+        workers.duties.push(events.duty());
         let listener = events
             .clone()
             .run(workers.db.clone(), workers.shutdown.clone());
@@ -101,6 +103,8 @@ pub const ALL: [&BoundedContext; 2] = [&ORDERS, &PAYMENTS];
 /// The background tasks of a process, and what they share.
 pub struct Workers<'a> {
     pub tasks: JoinSet<()>,
+    /// What readiness waits for besides the database and the broker links.
+    pub duties: Vec<Duty>,
     pub settings: &'a Settings,
     pub db: &'a DatabaseConnection,
     pub broker: &'a Broker,

@@ -137,6 +137,7 @@ impl Application {
         let shutdown = CancellationToken::new();
         let mut workers = Workers {
             tasks: JoinSet::new(),
+            duties: Vec::new(),
             settings,
             db: &db,
             broker: &broker,
@@ -148,10 +149,12 @@ impl Application {
             .iter()
             .map(|context| (context.name, context.start(&mut workers)))
             .collect();
+        let duties = std::mem::take(&mut workers.duties);
         let workers = workers.tasks;
         let observed = Observed {
             db: db.clone(),
             links: broker.links().clone(),
+            duties,
             metrics,
             schemas: contexts.iter().map(|context| context.schema()).collect(),
         };

@@ -16,6 +16,7 @@ use poem_openapi::OpenApiService;
 use sea_orm::DatabaseConnection;
 use tracing::Instrument;
 
+use crate::kernel::duty::Duty;
 use crate::messaging::amqp::BrokerLinks;
 use crate::messaging::outbox;
 use crate::ops::metrics::Metrics;
@@ -283,6 +284,8 @@ fn live() -> PoemJson<serde_json::Value> {
 pub struct Observed {
     pub db: DatabaseConnection,
     pub links: BrokerLinks,
+    /// Background work serving depends on (the order status listener).
+    pub duties: Vec<Duty>,
     pub metrics: Metrics,
     pub schemas: Vec<&'static str>,
 }
@@ -325,6 +328,9 @@ async fn readiness(observed: &Observed) -> Result<(), String> {
             tracing::warn!("not ready: the database did not answer within 2 s");
             return Err("the database does not answer".to_owned());
         }
+    }
+    if let Some(duty) = observed.duties.iter().find(|duty| !duty.is_up()) {
+        return Err(format!("{} is not running yet", duty.name()));
     }
     let down: Vec<String> = observed
         .links

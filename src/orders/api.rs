@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kernel::coalesce::{BatchLoad, Coalescer, Lanes};
 use crate::orders::domain::{CancelReason, Order, OrderCursor, OrderId, OrderStatus};
-use crate::orders::events::{self, FollowError, OrderEvents};
+use crate::orders::events::{self, FollowError, OrderEvents, StreamLimits};
 use crate::orders::store::Cancelled;
 use crate::orders::{OrdersError, SCHEMA, saga, store};
 use crate::statuses;
@@ -69,7 +69,7 @@ impl OrdersApi {
             DatabaseConnection::default(),
             None,
             Arc::new(Notify::new()),
-            OrderEvents::default(),
+            OrderEvents::new(StreamLimits::default()),
             CancellationToken::new(),
         )
     }

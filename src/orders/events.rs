@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::kernel::backoff::Delays;
+use crate::kernel::duty::Duty;
 use crate::kernel::user_id::UserId;
 use crate::orders::domain::{Order, OrderId};
 use crate::orders::store;
@@ -73,14 +74,15 @@ pub enum FollowError {
 }
 
 /// The orders changed in this database, as this process hears of them, by user.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct OrderEvents {
     inner: Arc<Subscribers>,
 }
 
-#[derive(Default)]
 struct Subscribers {
     limits: StreamLimits,
+    /// Up while the LISTEN is in place: before it, changes would reach no stream.
+    listening: Duty,
     by_user: Mutex<HashMap<UserId, broadcast::Sender<Order>>>,
 }
 
@@ -121,9 +123,16 @@ impl OrderEvents {
         OrderEvents {
             inner: Arc::new(Subscribers {
                 limits,
+                listening: Duty::new("the order status listener"),
                 by_user: Mutex::default(),
             }),
         }
+    }
+
+    /// Whether this instance is LISTENing, for readiness: a stream opened before it would miss
+    /// the changes made meanwhile.
+    pub fn duty(&self) -> Duty {
+        self.inner.listening.clone()
     }
 
     /// The changes of `user`'s orders from now on, until `shutdown`, the stream's lifetime or
@@ -194,6 +203,7 @@ impl OrderEvents {
                 result = self.listen(&db) => result,
                 _ = shutdown.cancelled() => break,
             };
+            self.inner.listening.set(false);
             let pause = delays.next_delay();
             if let Err(error) = result {
                 tracing::warn!(%error, retry_in = ?pause, "order status listener lost the database");
@@ -211,6 +221,7 @@ impl OrderEvents {
             .await
             .map_err(sqlx_error)?;
         listener.listen(CHANNEL).await.map_err(sqlx_error)?;
+        self.inner.listening.set(true);
         loop {
             // A quiet channel is asked to prove it is alive now and then: a server that vanished
             // without a word (a partition, a failover) is noticed, and the listener reconnects.
