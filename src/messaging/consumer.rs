@@ -164,7 +164,12 @@ impl<H: Handler> Consumer<H> {
             node,
         }) = connect_until_ready(&self.broker, &task, Purpose::Consume, &shutdown).await
         {
-            let measuring = self.measure_queue(&connection).await;
+            // One link measures the queue for all of them.
+            let measuring = if self.link == 0 {
+                self.measure_queue(&connection).await
+            } else {
+                None
+            };
             let link = (&connection, node.as_str());
             let result = self
                 .consume(&channel, link, &queue_name, &task, &shutdown)

@@ -78,15 +78,7 @@ async fn a_silent_node_costs_a_stagger_not_a_connect_timeout() {
 async fn all_links_up(app: &crate::helpers::TestApp) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let ready: serde_json::Value = app
-            .client
-            .get(format!("{}/health/ready", app.address))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let ready = app.get("/health/ready", &[]).await.body;
         let links = ready["broker"].as_object().cloned().unwrap_or_default();
         if !links.is_empty() && links.values().all(|node| node.is_string()) {
             return ready;
@@ -146,19 +138,22 @@ async fn start_up_waits_for_a_database_that_does_not_answer_and_stops_at_one_tha
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
-/// A broker node as its clients see it, forwarding to the real broker, that can go silent:
-/// while frozen it moves no byte either way and closes nothing, as a node partitioned away looks
-/// from the client's side.
+/// A broker node as its clients see it, forwarding to the real broker, that can go silent or
+/// slow: while frozen it moves no byte either way and closes nothing, as a node partitioned away
+/// looks from the client's side; once slowed, its answers (confirms, deliveries, heartbeats)
+/// arrive that late, as from a slow but working broker.
 struct SilentableNode {
     port: u16,
     frozen: watch::Sender<bool>,
+    delay: watch::Sender<Duration>,
 }
 
 impl SilentableNode {
     async fn start() -> SilentableNode {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let (frozen, watching) = watch::channel(false);
+        let (frozen, frozen_watch) = watch::channel(false);
+        let (delay, delay_watch) = watch::channel(Duration::ZERO);
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
@@ -166,11 +161,17 @@ impl SilentableNode {
                 };
                 let (client_read, client_write) = client.into_split();
                 let (broker_read, broker_write) = broker.into_split();
-                tokio::spawn(pump(client_read, broker_write, watching.clone()));
-                tokio::spawn(pump(broker_read, client_write, watching.clone()));
+                let frozen = frozen_watch.clone();
+                tokio::spawn(pump(client_read, broker_write, frozen.clone(), None));
+                let late = Some(delay_watch.clone());
+                tokio::spawn(pump(broker_read, client_write, frozen, late));
             }
         });
-        SilentableNode { port, frozen }
+        SilentableNode {
+            port,
+            frozen,
+            delay,
+        }
     }
 
     fn url(&self) -> String {
@@ -184,13 +185,33 @@ impl SilentableNode {
     fn freeze(&self, frozen: bool) {
         self.frozen.send_replace(frozen);
     }
+
+    fn slow_down(&self, delay: Duration) {
+        self.delay.send_replace(delay);
+    }
 }
 
+/// Forwards what `from` says to `to`, each chunk `delay` after it arrived and in order, and
+/// nothing while frozen (what arrived as the node went silent is held until it speaks again).
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut frozen: watch::Receiver<bool>,
+    delay: Option<watch::Receiver<Duration>>,
 ) {
+    let (send, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let mut writer_frozen = frozen.clone();
+    tokio::spawn(async move {
+        while let Some((at, bytes)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if writer_frozen.wait_for(|frozen| !frozen).await.is_err() {
+                return;
+            }
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    });
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
         if frozen.wait_for(|frozen| !frozen).await.is_err() {
@@ -200,11 +221,11 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(read) => read,
         };
-        // What arrived as the node went silent is held until it speaks again.
-        if frozen.wait_for(|frozen| !frozen).await.is_err() {
-            return;
-        }
-        if to.write_all(&buffer[..read]).await.is_err() {
+        let late = delay
+            .as_ref()
+            .map_or(Duration::ZERO, |delay| *delay.borrow());
+        let at = tokio::time::Instant::now() + late;
+        if send.send((at, buffer[..read].to_vec())).is_err() {
             return;
         }
     }
@@ -330,75 +351,19 @@ async fn a_relay_whose_node_goes_silent_sends_its_batch_again_elsewhere() {
     assert_eq!(payments.balance("relayed").await.str("balance"), "6.00");
 }
 
-/// A broker node whose answers (confirms, deliveries, heartbeats) arrive `delay` late once
-/// slowed: a slow but working broker.
-struct SlowNode {
-    port: u16,
-    delay: watch::Sender<Duration>,
-}
-
-impl SlowNode {
-    async fn start() -> SlowNode {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (delay, watching) = watch::channel(Duration::ZERO);
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
-                    continue;
-                };
-                let (client_read, client_write) = client.into_split();
-                let (broker_read, broker_write) = broker.into_split();
-                let (_, never) = watch::channel(false);
-                tokio::spawn(pump(client_read, broker_write, never));
-                tokio::spawn(late(broker_read, client_write, watching.clone()));
-            }
-        });
-        SlowNode { port, delay }
-    }
-}
-
-/// Forwards what `from` says, each chunk `delay` after it arrived, in order.
-async fn late(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: watch::Receiver<Duration>,
-) {
-    let (send, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-    tokio::spawn(async move {
-        while let Some((at, bytes)) = due.recv().await {
-            tokio::time::sleep_until(at).await;
-            if to.write_all(&bytes).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut buffer = vec![0u8; 16 * 1024];
-    loop {
-        let read = match from.read(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(read) => read,
-        };
-        let at = tokio::time::Instant::now() + *delay.borrow();
-        if send.send((at, buffer[..read].to_vec())).is_err() {
-            return;
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_slow_broker_is_not_sent_copies_of_every_batch() {
     let env = TestEnv::new();
-    let node = SlowNode::start().await;
+    let node = SilentableNode::start().await;
     let mut settings = env.settings();
-    settings.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", node.port);
+    settings.amqp_url = node.url();
     settings.amqp_timeout_ms = 20_000;
     settings.amqp_connect_timeout_ms = 20_000;
     let app = env.spawn_with(&settings, Role::All).await;
     app.wait_until_ready().await;
     app.funded_account("slow", "100").await;
     // Every confirm now takes 1.2 s, more than the relays' first patience (1 s).
-    node.delay.send_replace(Duration::from_millis(1_200));
+    node.slow_down(Duration::from_millis(1_200));
     let mut ids = Vec::new();
     // One order every 1.5 s: each its own batch, once the relays have reconnected.
     for _ in 0..10 {
@@ -410,15 +375,7 @@ async fn a_slow_broker_is_not_sent_copies_of_every_batch() {
         assert_eq!(order.str("status"), "FINISHED", "{}", order.body);
     }
     assert_eq!(app.balance("slow").await.str("balance"), "90.00");
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     let copies: f64 = text
         .lines()
         .filter(|line| {

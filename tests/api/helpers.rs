@@ -311,6 +311,18 @@ impl TestApp {
         self.request(reqwest::Method::POST, path, query).await
     }
 
+    /// `/metrics`, as Prometheus reads it.
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.address))
+            .send()
+            .await
+            .expect("request sent")
+            .text()
+            .await
+            .expect("body read")
+    }
+
     pub async fn get(&self, path: &str, query: &[(&str, &str)]) -> Reply {
         self.request(reqwest::Method::GET, path, query).await
     }
