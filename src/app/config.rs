@@ -663,6 +663,39 @@ impl fmt::Debug for Settings {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_broker_failover_settings_refuse_what_is_out_of_range() {
+        use clap::Parser as _;
+        let parse = |flag: &str, value: &str| {
+            let arg = format!("{flag}={value}");
+            crate::app::cli::Cli::try_parse_from(["gozon", "serve", arg.as_str()]).map(|_| ())
+        };
+        for (flag, good, bad) in [
+            ("--consumer-links", ["0", "2", "8"], ["9", "-1", "two"]),
+            (
+                "--amqp-confirm-patience-ms",
+                ["100", "1000", "60000"],
+                ["99", "0", "1s"],
+            ),
+            (
+                "--amqp-connect-stagger-ms",
+                ["10", "500", "5000"],
+                ["9", "-5", "fast"],
+            ),
+        ] {
+            for value in good {
+                assert!(parse(flag, value).is_ok(), "{flag} {value}");
+            }
+            for value in bad {
+                let refused = parse(flag, value).expect_err(&format!("{flag} {value} taken"));
+                assert!(
+                    refused.to_string().contains(flag),
+                    "{flag} {value}: {refused}"
+                );
+            }
+        }
+    }
+
     fn urls(nodes: &[BrokerNode]) -> Vec<(&str, &str)> {
         nodes
             .iter()
