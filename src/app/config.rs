@@ -103,6 +103,13 @@ pub struct Settings {
     )]
     pub amqp_leader_locator: String,
 
+    /// Quorum queues (lanes) each consumed queue is made of, each led by another node (0: two
+    /// when AMQP_URL names several nodes, else one). Every lane is consumed; a relay publishes
+    /// to one and, when it stops confirming (its leader lost, none elected yet), sends on
+    /// through the next, so an order waits for a confirm timeout, not for a leader election.
+    #[arg(long, env = "GOZON_AMQP_QUEUE_LANES", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=3))]
+    pub amqp_queue_lanes: u16,
+
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "GOZON_AMQP_PREFIX", default_value = "gozon")]
     pub amqp_prefix: String,
@@ -129,9 +136,10 @@ pub struct Settings {
     #[arg(long, env = "GOZON_CONSUMER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub consumer_concurrency: u16,
 
-    /// Connections each consumer reads its queue over, each to another broker node (0: two
-    /// when AMQP_URL names several nodes, else one). The concurrency and prefetch are shared
-    /// among them. While one node is lost or silent the others keep consuming, and the broker
+    /// Connections each consumer reads each lane of its queue over, each to another broker node,
+    /// from the node that leads the lane (0: one when there are several lanes; else two when
+    /// AMQP_URL names several nodes, else one). The concurrency and prefetch are shared among
+    /// them. While one node is lost or silent the others keep consuming, and the broker
     /// hands what it had sent the lost link to the rest once it notices.
     #[arg(long, env = "GOZON_CONSUMER_LINKS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=8))]
     pub consumer_links: u16,
@@ -518,12 +526,14 @@ impl Settings {
 
     pub fn broker(&self) -> anyhow::Result<BrokerSettings> {
         let nodes = broker_nodes(&self.amqp_url, self.amqp_heartbeat_secs)?;
+        let lanes = self.queue_lanes(nodes.len());
         Ok(BrokerSettings {
             nodes,
             connect_timeout: Duration::from_millis(self.amqp_connect_timeout_ms),
             connect_stagger: Duration::from_millis(self.amqp_connect_stagger_ms),
             quorum_size: self.amqp_quorum_size,
             leader_locator: self.amqp_leader_locator.clone(),
+            lanes,
             prefix: self.amqp_prefix.clone(),
             delivery_limit: self.delivery_limit,
             queue_expires: self.queue_expires_secs.map(Duration::from_secs),
@@ -567,9 +577,20 @@ impl Settings {
         }
     }
 
+    /// Lanes of each queue, for a cluster of `nodes` nodes.
+    fn queue_lanes(&self, nodes: usize) -> usize {
+        match self.amqp_queue_lanes {
+            0 if nodes > 1 => 2,
+            0 => 1,
+            lanes => usize::from(lanes),
+        }
+    }
+
     pub fn consumer(&self) -> ConsumerSettings {
         let nodes = broker_nodes(&self.amqp_url, self.amqp_heartbeat_secs).map_or(1, |n| n.len());
         let links = match self.consumer_links {
+            // Each lane read where it is led: its own node is its other lane's spare.
+            0 if self.queue_lanes(nodes) > 1 => 1,
             0 if nodes > 1 => 2,
             0 => 1,
             links => links,
@@ -605,6 +626,7 @@ impl fmt::Debug for Settings {
             .field("amqp_connect_timeout_ms", &self.amqp_connect_timeout_ms)
             .field("amqp_quorum_size", &self.amqp_quorum_size)
             .field("amqp_leader_locator", &self.amqp_leader_locator)
+            .field("amqp_queue_lanes", &self.amqp_queue_lanes)
             .field("amqp_prefix", &self.amqp_prefix)
             .field("message_key", &self.keyring().current().id())
             .field("message_key_previous", &self.message_key_previous.len())

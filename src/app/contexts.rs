@@ -141,17 +141,22 @@ impl Workers<'_> {
         self.tasks.spawn(purge);
         let settings = self.settings.consumer();
         let handler = Arc::new(handler);
-        for link in 0..settings.links {
-            let consumer = Consumer {
-                broker: self.broker.starting_at(link),
-                queue: context.consumes,
-                db: db.clone(),
-                schema,
-                handler: handler.clone(),
-                settings: settings.clone(),
-                link,
-            };
-            self.tasks.spawn(consumer.run(shutdown.clone()));
+        // Every lane is read, each over its links: the lane a relay sends on is read whichever
+        // node is lost. The concurrency is per link and lane: a relay sends on one lane at a time.
+        for lane in 0..self.broker.lanes() {
+            for link in 0..settings.links {
+                let consumer = Consumer {
+                    broker: self.broker.for_lane(&context.consumes, lane, link),
+                    queue: context.consumes,
+                    db: db.clone(),
+                    schema,
+                    handler: handler.clone(),
+                    settings: settings.clone(),
+                    link,
+                    lane,
+                };
+                self.tasks.spawn(consumer.run(shutdown.clone()));
+            }
         }
     }
 }

@@ -26,7 +26,12 @@ use crate::kernel::backoff;
 use crate::messaging::signing::Keyring;
 use crate::ops::metrics::Metrics;
 
-/// A queue some consumer reads, and the message types routed to it.
+/// A queue some consumer reads, and the message types routed to it. On a cluster it is made of
+/// several quorum queues, its lanes (see [`Broker::lane_name`]), each led by another node; its
+/// consumer reads every lane, a relay publishes to one and moves to the next when it stops
+/// confirming (its leader lost, the new one not elected yet), so an order's message waits for a
+/// confirm timeout instead of a leader election. The inbox makes a message that reaches two
+/// lanes (sent again after a lost confirm) count once.
 #[derive(Clone, Copy, Debug)]
 pub struct QueueSpec {
     /// The context that consumes it, and owns it and the exchanges that lead to it.
@@ -54,8 +59,12 @@ pub struct BrokerSettings {
     pub connect_stagger: Duration,
     /// Members of a quorum queue at its creation.
     pub quorum_size: u16,
-    /// `x-queue-leader-locator` of a new quorum queue.
+    /// `x-queue-leader-locator` of a new quorum queue: of every queue with one lane, and of the
+    /// dead-letter queues (lanes, when there are several, are placed on their own nodes).
     pub leader_locator: String,
+    /// Quorum queues each consumed queue is made of (its lanes), each led by another node when
+    /// there are several: a relay whose lane loses its leader sends on over the next one.
+    pub lanes: usize,
     /// Prefix of every exchange and queue name, so deployments (and tests) do not share them.
     pub prefix: String,
     /// After this many deliveries a message is dead-lettered instead of requeued.
@@ -264,7 +273,10 @@ pub enum AmqpError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Purpose {
     Publish,
-    Consume,
+    /// Consuming lane `lane` of the owned queues.
+    Consume {
+        lane: usize,
+    },
 }
 
 /// A connection, its channel, and the node it reached.
@@ -304,6 +316,25 @@ impl Broker {
     pub fn starting_at(&self, offset: usize) -> Broker {
         let nodes = self.settings.nodes.len().max(1);
         let home = (self.preferred.load(Ordering::Relaxed) + offset) % nodes;
+        Broker {
+            preferred: Arc::new(AtomicUsize::new(home)),
+            home: Some(home),
+            ..self.clone()
+        }
+    }
+
+    /// The broker a consumer of lane `lane` of `queue` reads it through, over its link `link`.
+    /// With several lanes, the lane's links start at the node that leads it (and the next ones
+    /// past it): a lane is read where it is led, so a node lost or partitioned away takes with
+    /// it only the lanes it leads, not deliveries of the others handed to its connections
+    /// (which the leaders would count as in flight until they noticed the node gone). With
+    /// one lane, link `link` starts `link` nodes past this instance's node.
+    pub fn for_lane(&self, queue: &QueueSpec, lane: usize, link: usize) -> Broker {
+        if self.lanes() <= 1 {
+            return self.starting_at(link);
+        }
+        let nodes = self.settings.nodes.len().max(1);
+        let home = (self.lane_node(queue, lane) + link) % nodes;
         Broker {
             preferred: Arc::new(AtomicUsize::new(home)),
             home: Some(home),
@@ -354,6 +385,39 @@ impl Broker {
         format!("{}.dlq", self.queue_name(queue))
     }
 
+    /// How many lanes each queue has.
+    pub fn lanes(&self) -> usize {
+        self.settings.lanes.max(1)
+    }
+
+    /// Lane `lane` of `queue`: the first is the queue's own name, the others `<name>.lane-<n>`.
+    pub fn lane_name(&self, queue: &QueueSpec, lane: usize) -> String {
+        match lane {
+            0 => self.queue_name(queue),
+            _ => format!("{}.lane-{}", self.queue_name(queue), lane + 1),
+        }
+    }
+
+    /// The routing key that takes `message_type` to lane `lane`: the type itself for the
+    /// first, `lane-<n>.<type>` for the others.
+    pub fn lane_routing_key(&self, message_type: &str, lane: usize) -> String {
+        match lane {
+            0 => message_type.to_owned(),
+            _ => format!("lane-{}.{message_type}", lane + 1),
+        }
+    }
+
+    /// The node that leads lane `lane` of `queue`: consecutive lanes on consecutive nodes,
+    /// from a node every process derives alike from the queue's name (so the lanes of two
+    /// queues do not all start at the same node).
+    pub fn lane_node(&self, queue: &QueueSpec, lane: usize) -> usize {
+        let nodes = self.settings.nodes.len().max(1);
+        let start = queue.suffix.bytes().fold(0usize, |sum, byte| {
+            sum.wrapping_mul(31).wrapping_add(usize::from(byte))
+        });
+        (start + lane) % nodes
+    }
+
     /// Runs `fut` under the broker I/O timeout.
     pub async fn timed<T, F>(&self, fut: F) -> Result<T, AmqpError>
     where
@@ -375,9 +439,20 @@ impl Broker {
     pub async fn open_channel(&self, name: &str, purpose: Purpose) -> Result<Opened, AmqpError> {
         let opened = self.open_bare_channel(name).await?;
         let channel = match purpose {
-            Purpose::Consume => {
-                self.declare_topology(&opened.connection, opened.channel)
-                    .await?
+            Purpose::Consume { lane } => {
+                let Opened {
+                    connection,
+                    channel,
+                    node,
+                } = opened;
+                let channel = self
+                    .declare_topology(&connection, channel, &node, lane)
+                    .await?;
+                return Ok(Opened {
+                    connection,
+                    channel,
+                    node,
+                });
             }
             Purpose::Publish => {
                 let confirming = opened
@@ -416,7 +491,8 @@ impl Broker {
         loop {
             if launched < nodes.len() {
                 let index = (first + launched) % nodes.len();
-                attempts.push(self.open_on(name, index));
+                let limit = self.settings.connect_timeout.min(self.settings.io_timeout);
+                attempts.push(self.open_on(name, index, limit));
                 launched += 1;
             }
             let stagger = tokio::time::sleep(self.settings.connect_stagger);
@@ -445,11 +521,15 @@ impl Broker {
         Err(last_error.unwrap_or(AmqpError::Timeout(self.settings.connect_timeout)))
     }
 
-    /// One attempt at node `index`: connect and open a channel, each bounded.
-    async fn open_on(&self, name: &str, index: usize) -> (usize, Result<Opened, AmqpError>) {
+    /// One attempt at node `index`: connect within `limit` and open a channel (bounded).
+    async fn open_on(
+        &self,
+        name: &str,
+        index: usize,
+        limit: Duration,
+    ) -> (usize, Result<Opened, AmqpError>) {
         let node = &self.settings.nodes[index];
         let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let limit = self.settings.connect_timeout.min(self.settings.io_timeout);
         let connected =
             match tokio::time::timeout(limit, Connection::connect(&node.url, properties)).await {
                 Ok(Ok(connection)) => connection,
@@ -483,7 +563,7 @@ impl Broker {
         }
     }
 
-    /// Messages ready in `queue` and in its dead-letter queue (passive declares: the queues
+    /// Messages ready in `queue` (every lane) and in its dead-letter queue (passive declares: the queues
     /// exist, their consumer declared them), recorded in the metrics.
     pub async fn measure_depths(
         &self,
@@ -496,10 +576,14 @@ impl Broker {
         };
         let name = self.queue_name(queue);
         let dlq = self.dead_letter_queue_name(queue);
-        let ready = self
-            .timed(channel.queue_declare(name.as_str().into(), passive, FieldTable::default()))
-            .await?
-            .message_count();
+        let mut ready = 0;
+        for lane in 0..self.lanes() {
+            let lane = self.lane_name(queue, lane);
+            ready += self
+                .timed(channel.queue_declare(lane.as_str().into(), passive, FieldTable::default()))
+                .await?
+                .message_count();
+        }
         let dead = self
             .timed(channel.queue_declare(dlq.as_str().into(), passive, FieldTable::default()))
             .await?
@@ -538,10 +622,14 @@ impl Broker {
         }
     }
 
+    /// Declares, for lane `lane` of each owned queue: the context's exchanges, the queue's
+    /// dead-letter queue, the lane's queue (placed on its node) and their bindings.
     async fn declare_topology(
         &self,
         connection: &Connection,
         mut channel: Channel,
+        node: &str,
+        lane: usize,
     ) -> Result<Channel, AmqpError> {
         let durable = ExchangeDeclareOptions {
             durable: true,
@@ -564,28 +652,35 @@ impl Broker {
                 FieldTable::default(),
             ))
             .await?;
-            let name = self.queue_name(queue);
+            // Every lane dead-letters into the queue's one DLQ, under the first lane's name.
+            let first = self.queue_name(queue);
             let dlq = self.dead_letter_queue_name(queue);
+            let locator = self.settings.leader_locator.as_str();
             channel = self
-                .declare_queue(connection, channel, &dlq, self.queue_arguments(None))
+                .declare_queue(
+                    connection,
+                    channel,
+                    &dlq,
+                    self.queue_arguments(None, locator),
+                )
                 .await?;
             self.timed(channel.queue_bind(
                 dlq.as_str().into(),
                 dead_letter.as_str().into(),
-                name.as_str().into(),
+                first.as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             ))
             .await?;
-            let arguments = self.queue_arguments(Some((&dead_letter, &name)));
+            let name = self.lane_name(queue, lane);
             channel = self
-                .declare_queue(connection, channel, &name, arguments)
+                .declare_lane(connection, channel, node, queue, lane)
                 .await?;
             for message_type in queue.message_types {
                 self.timed(channel.queue_bind(
                     name.as_str().into(),
                     inbound.as_str().into(),
-                    (*message_type).into(),
+                    self.lane_routing_key(message_type, lane).as_str().into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 ))
@@ -595,10 +690,81 @@ impl Broker {
         Ok(channel)
     }
 
+    /// Declares lane `lane` of `queue`. With one lane, here, its leader placed by the
+    /// configured locator. With several, each lane's leader goes to a node of its own
+    /// ([`Broker::lane_node`]): the lane is declared `client-local` over a connection to that
+    /// node, unless it exists already (a passive declare here says so) or that node does not
+    /// answer (then here: a lane led from the wrong node still works, it only shares its
+    /// fate with another).
+    async fn declare_lane(
+        &self,
+        connection: &Connection,
+        channel: Channel,
+        node: &str,
+        queue: &QueueSpec,
+        lane: usize,
+    ) -> Result<Channel, AmqpError> {
+        let name = self.lane_name(queue, lane);
+        let dead_letter = self.dead_letter_exchange(queue);
+        let first = self.queue_name(queue);
+        if self.settings.lanes <= 1 {
+            let arguments =
+                self.queue_arguments(Some((&dead_letter, &first)), &self.settings.leader_locator);
+            return self
+                .declare_queue(connection, channel, &name, arguments)
+                .await;
+        }
+        let arguments = || self.queue_arguments(Some((&dead_letter, &first)), "client-local");
+        let target = self.lane_node(queue, lane);
+        let here = self.settings.nodes.iter().position(|n| n.label == node);
+        if here != Some(target) {
+            // On a channel of its own: a passive declare of a missing queue closes it.
+            let probe = self.timed(connection.create_channel()).await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let exists = self
+                .timed(probe.queue_declare(name.as_str().into(), passive, FieldTable::default()))
+                .await;
+            match exists {
+                Ok(_) => {
+                    let _ = self.timed(probe.close(200, "probed".into())).await;
+                    return Ok(channel);
+                }
+                Err(AmqpError::Lapin(error)) if error.to_string().contains("NOT_FOUND") => {}
+                Err(error) => return Err(error),
+            }
+            // No longer than a node is given before the next is tried beside it.
+            let limit = self
+                .settings
+                .connect_stagger
+                .min(self.settings.connect_timeout);
+            match self.open_on("gozon-lane-placement", target, limit).await {
+                (_, Ok(there)) => {
+                    let declared = self
+                        .declare_queue(&there.connection, there.channel, &name, arguments())
+                        .await;
+                    self.close_in_background(there.connection, "lane placed");
+                    if declared.is_ok() {
+                        tracing::info!(queue = %name, node = %there.node, "lane declared on its own node");
+                        return Ok(channel);
+                    }
+                }
+                (_, Err(error)) => {
+                    let node = &self.settings.nodes[target].label;
+                    tracing::warn!(queue = %name, %node, %error, "the lane's own node does not answer; declaring it here");
+                }
+            }
+        }
+        self.declare_queue(connection, channel, &name, arguments())
+            .await
+    }
+
     /// Quorum queues count deliveries, which is what bounds redelivery of a message whose
     /// handling keeps failing; `dead_letter` (exchange, routing key) is set on work queues, not
     /// on the DLQs.
-    fn queue_arguments(&self, dead_letter: Option<(&str, &str)>) -> FieldTable {
+    fn queue_arguments(&self, dead_letter: Option<(&str, &str)>, locator: &str) -> FieldTable {
         let mut arguments = FieldTable::default();
         arguments.insert(
             "x-queue-type".into(),
@@ -612,7 +778,7 @@ impl Broker {
         );
         arguments.insert(
             "x-queue-leader-locator".into(),
-            AMQPValue::LongString(self.settings.leader_locator.as_str().into()),
+            AMQPValue::LongString(locator.into()),
         );
         if let Some((exchange, key)) = dead_letter {
             arguments.insert(

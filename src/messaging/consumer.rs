@@ -138,7 +138,8 @@ fn lock(delays: &std::sync::Mutex<Delays>) -> std::sync::MutexGuard<'_, Delays> 
 
 /// One queue's consumer: its deliveries applied by `handler`, deduplicated through the inbox
 /// of `schema` under the queue's name.
-/// One link of it: `link` counts from 0 to `settings.links`; its broker starts at its own node.
+/// One link of one lane of it: `link` counts from 0 to `settings.links`, its broker starting at
+/// its own node; `lane` from 0 to the broker's lanes.
 pub struct Consumer<H> {
     pub broker: Broker,
     pub queue: QueueSpec,
@@ -147,12 +148,13 @@ pub struct Consumer<H> {
     pub handler: Arc<H>,
     pub settings: ConsumerSettings,
     pub link: usize,
+    pub lane: usize,
 }
 
 impl<H: Handler> Consumer<H> {
     /// Consumes until `shutdown`, reconnecting with backoff whenever the broker goes away.
     pub async fn run(self, shutdown: CancellationToken) {
-        let queue_name = self.broker.queue_name(&self.queue);
+        let queue_name = self.broker.lane_name(&self.queue, self.lane);
         let task = link_name(
             &format!("consumer {queue_name}"),
             self.link,
@@ -162,10 +164,16 @@ impl<H: Handler> Consumer<H> {
             connection,
             channel,
             node,
-        }) = connect_until_ready(&self.broker, &task, Purpose::Consume, &shutdown).await
+        }) = connect_until_ready(
+            &self.broker,
+            &task,
+            Purpose::Consume { lane: self.lane },
+            &shutdown,
+        )
+        .await
         {
-            // One link measures the queue for all of them.
-            let measuring = if self.link == 0 {
+            // One link measures the queue (every lane) for all of them.
+            let measuring = if self.link == 0 && self.lane == 0 {
                 self.measure_queue(&connection).await
             } else {
                 None

@@ -158,6 +158,7 @@ impl Relay {
         &self,
         channel: &Channel,
         patience: Duration,
+        lane: usize,
     ) -> Result<(usize, Duration), RelayError> {
         let schema = self.schema;
         let txn = self.db.begin().await?;
@@ -182,7 +183,8 @@ impl Relay {
         // In the order they were written (RETURNING keeps none).
         rows.sort_unstable_by_key(|row| row.seq);
         let publishing = std::time::Instant::now();
-        self.publish_confirmed(channel, &rows, patience).await?;
+        self.publish_confirmed(channel, &rows, patience, lane)
+            .await?;
         let took = publishing.elapsed();
         self.broker
             .metrics()
@@ -193,13 +195,14 @@ impl Relay {
         Ok((rows.len(), took))
     }
 
-    /// Publishes every row with its confirm in flight, then waits up to `patience` for all the
-    /// confirms.
+    /// Publishes every row to lane `lane` of its queue with its confirm in flight, then waits
+    /// up to `patience` for all the confirms.
     async fn publish_confirmed(
         &self,
         channel: &Channel,
         rows: &[PendingRow],
         patience: Duration,
+        lane: usize,
     ) -> Result<(), RelayError> {
         let mut confirms = Vec::with_capacity(rows.len());
         // A span per traced message, open until the broker confirms it.
@@ -227,16 +230,21 @@ impl Relay {
             // mandatory: a message no queue would take comes back, and is not marked sent.
             let confirm = self
                 .broker
-                .timed(channel.basic_publish(
-                    exchange.as_str().into(),
-                    row.message_type.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &payload,
-                    properties,
-                ))
+                .timed(
+                    channel.basic_publish(
+                        exchange.as_str().into(),
+                        self.broker
+                            .lane_routing_key(&row.message_type, lane)
+                            .as_str()
+                            .into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &payload,
+                        properties,
+                    ),
+                )
                 .await?;
             confirms.push((row.message_id, confirm));
         }
@@ -298,6 +306,9 @@ impl Relay {
         let most = self.broker.settings().io_timeout;
         let least = self.settings.confirm_patience.min(most);
         let mut patience = least;
+        // The lane it sends on, kept while it confirms; the next after any broker error.
+        let lanes = self.broker.lanes();
+        let mut lane = 0;
         while let Some(Opened {
             connection,
             channel,
@@ -312,7 +323,7 @@ impl Relay {
                     tracing::warn!(task = %name, %node, "outbox relay's broker connection is gone; reconnecting");
                     break true;
                 }
-                match self.drain(&channel, patience).await {
+                match self.drain(&channel, patience, lane).await {
                     Ok(slowest) => {
                         db_delays = Delays::new();
                         // Only rounds that sent something say how fast the broker confirms.
@@ -332,7 +343,11 @@ impl Relay {
                         if matches!(error, RelayError::Amqp(AmqpError::Timeout(_))) {
                             patience = (patience * 2).min(most);
                         }
-                        tracing::warn!(task = %name, %error, "outbox relay lost the broker; reconnecting");
+                        // Its lane's leader may be what is lost (a partitioned node): the
+                        // batch goes again through the next lane, led by another node.
+                        let from = lane;
+                        lane = (lane + 1) % lanes;
+                        tracing::warn!(task = %name, %error, from_lane = from + 1, to_lane = lane + 1, "outbox relay lost the broker; reconnecting");
                         break true;
                     }
                 }
@@ -364,20 +379,25 @@ impl Relay {
         &self,
         channel: &Channel,
         patience: Duration,
+        lane: usize,
     ) -> Result<Option<Duration>, RelayError> {
         // The batch's database work, plus its broker round trips (each bounded on its own).
         let limit = self.settings.db_timeout + self.broker.settings().io_timeout;
         let mut slowest = None;
         loop {
-            let (sent, took) =
-                match tokio::time::timeout(limit, self.relay_batch(channel, patience)).await {
-                    Ok(sent) => sent?,
-                    Err(_) => {
-                        return Err(RelayError::Db(DbErr::Custom(format!(
-                            "an outbox batch took longer than {limit:?}"
-                        ))));
-                    }
-                };
+            let (sent, took) = match tokio::time::timeout(
+                limit,
+                self.relay_batch(channel, patience, lane),
+            )
+            .await
+            {
+                Ok(sent) => sent?,
+                Err(_) => {
+                    return Err(RelayError::Db(DbErr::Custom(format!(
+                        "an outbox batch took longer than {limit:?}"
+                    ))));
+                }
+            };
             if sent > 0 {
                 slowest = slowest.max(Some(took));
             }

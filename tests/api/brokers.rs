@@ -30,7 +30,7 @@ async fn an_instance_reaches_a_live_node_when_the_first_it_names_is_down() {
     assert_eq!(
         nodes.len(),
         6,
-        "two relays, and two consumers over two links each: {ready}"
+        "two relays, and two consumers of two lanes, each lane over one link: {ready}"
     );
     assert!(
         nodes.values().all(|node| node == "127.0.0.1:5672"),
@@ -240,6 +240,10 @@ async fn a_consumer_keeps_consuming_over_its_other_link_while_one_node_is_silent
     // The default heartbeat (10 s): lapin and the broker notice the silence only after ~20 s.
     settings.amqp_heartbeat_secs = 10;
     settings.amqp_timeout_ms = 1_000;
+    // One lane read over two links (several lanes are read over one link each, on the node
+    // that leads the lane).
+    settings.amqp_queue_lanes = 1;
+    settings.consumer_links = 2;
     // One delivery in hand per link: the silent link holds at most one of each queue's.
     settings.consumer_concurrency = 2;
     settings.prefetch = 2;
@@ -255,9 +259,7 @@ async fn a_consumer_keeps_consuming_over_its_other_link_while_one_node_is_silent
             .unwrap()
             .iter()
             .find(|(task, _)| {
-                task.starts_with("consumer ")
-                    && task.contains(queue)
-                    && task.ends_with(&format!("(link {n} of 2)"))
+                task.starts_with("consumer ") && task.ends_with(&format!("{queue} (link {n} of 2)"))
             })
             .map(|(_, node)| node.as_str().unwrap_or_default().to_owned())
             .unwrap_or_else(|| panic!("no link {n} of {queue}: {ready}"))
@@ -387,4 +389,110 @@ async fn a_slow_broker_is_not_sent_copies_of_every_batch() {
     // Each relay gives up its first batch or two, then waits as long as the broker takes: of
     // 20 messages (10 requests, 10 answers), a few arrive twice, not most.
     assert!(copies <= 4.0, "{copies} copies delivered:\n{text}");
+}
+
+/// A stand-in for a queue whose leader is lost: the queue's Raft server suspended on the broker
+/// (what is published to it is then never confirmed, as while a new leader is being elected),
+/// by a process on the broker that holds the suspension until dropped (60 s at most).
+struct SuspendedQueue {
+    holder: String,
+}
+
+fn broker_eval(code: &str) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["eval", code])
+        .output()
+        .expect("rabbitmqctl runs (the broker's own CLI, beside the local RabbitMQ)");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "rabbitmqctl eval {code}: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
+}
+
+impl SuspendedQueue {
+    fn suspend(queue: &str) -> SuspendedQueue {
+        let holder = format!("gozon_hold_{queue}");
+        let said = broker_eval(&format!(
+            r#"{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)),
+               {{Ra, _}} = amqqueue:get_pid(Q), Pid = whereis(Ra),
+               Holder = spawn(fun() -> erlang:suspend_process(Pid),
+                                       receive resume -> ok after 60000 -> ok end end),
+               register(list_to_atom("{holder}"), Holder),
+               timer:sleep(100), erlang:process_info(Pid, status)."#
+        ));
+        assert!(said.contains("suspended"), "{queue} not suspended: {said}");
+        SuspendedQueue { holder }
+    }
+}
+
+impl Drop for SuspendedQueue {
+    fn drop(&mut self) {
+        let holder = &self.holder;
+        broker_eval(&format!(
+            r#"case whereis(list_to_atom("{holder}")) of undefined -> ok; P -> P ! resume, ok end."#
+        ));
+    }
+}
+
+fn consumed(text: &str, queue: &str, outcome: &str) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.starts_with("gozon_messages_consumed_total")
+                && line.contains(&format!(r#"queue="{queue}""#))
+                && line.contains(&format!(r#"outcome="{outcome}""#))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_relay_whose_lane_stops_confirming_sends_on_through_the_next() {
+    let env = TestEnv::new();
+    let mut settings = env.settings();
+    settings.amqp_queue_lanes = 2;
+    let app = env.spawn_with(&settings, Role::All).await;
+    app.wait_until_ready().await;
+    all_links_up(&app).await;
+    app.funded_account("lanes", "100").await;
+    let first = app.create_order("lanes", "10").await;
+    let paid = app
+        .wait_until_final(first.str("id"), Duration::from_secs(10))
+        .await;
+    assert_eq!(paid.str("status"), "FINISHED");
+
+    // The first lane of Payments' queue stops confirming, as while its leader is lost.
+    let requests = format!("{}.payments.payment-requests", env.prefix);
+    let held = SuspendedQueue::suspend(&requests);
+    let placed = Instant::now();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(app.create_order("lanes", "3").await.str("id").to_owned());
+    }
+    for id in &ids {
+        let order = app.wait_until_final(id, Duration::from_secs(15)).await;
+        assert_eq!(order.str("status"), "FINISHED", "{}", order.body);
+    }
+    // One confirm timeout (1 s) and a reconnect, not the whole suspension (60 s).
+    let took = placed.elapsed();
+    assert!(took < Duration::from_secs(8), "settled after {took:?}");
+    let text = app.metrics_text().await;
+    let second_lane = format!("{requests}.lane-2");
+    assert!(
+        consumed(&text, &second_lane, "applied") >= 5.0,
+        "the requests did not go through the second lane:\n{text}"
+    );
+
+    // Back, whatever the first lane delivers of what it was sent meanwhile is a copy: each
+    // request was applied once, over one lane or the other.
+    drop(held);
+    crate::helpers::wait_for_outboxes_drained(&env.db().await, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let text = app.metrics_text().await;
+    let applied = consumed(&text, &requests, "applied") + consumed(&text, &second_lane, "applied");
+    assert_eq!(applied, 6.0, "{text}");
+    assert_eq!(app.balance("lanes").await.str("balance"), "75.00");
+    crate::helpers::assert_money_conserved(&env.db().await).await;
 }

@@ -149,7 +149,11 @@ impl Drop for TestEnv {
                         .await?;
                 let channel = connection.create_channel().await?;
                 for queue in ["payments.payment-requests", "orders.payment-results"] {
-                    for name in [format!("{prefix}.{queue}"), format!("{prefix}.{queue}.dlq")] {
+                    for name in [
+                        format!("{prefix}.{queue}"),
+                        format!("{prefix}.{queue}.lane-2"),
+                        format!("{prefix}.{queue}.dlq"),
+                    ] {
                         channel
                             .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
                             .await?;
