@@ -94,8 +94,12 @@ async fn saga_cpu(args: &Args, url: &str) -> anyhow::Result<SagaCpu> {
     };
     let (ran, usage) = tokio::join!(run, window);
     let (_, processed) = ran?;
+    // pgbench -R draws its start times from a Poisson process: the count in `secs` strays
+    // from the rate times `secs` by its square root (a 4 s smoke run at 100/s: 400 +- 20); four
+    // of those below it, the schedule was not kept.
+    let expected = args.cpu_rate * secs;
     anyhow::ensure!(
-        processed as f64 >= args.cpu_rate * secs * 0.9,
+        processed as f64 >= expected - 4.0 * expected.sqrt(),
         "pgbench did not keep to {} orders/s: {processed} in {secs} s",
         args.cpu_rate
     );

@@ -27,7 +27,9 @@ use crate::messaging::signing::Keyring;
 use crate::ops::metrics::Metrics;
 
 /// A queue some consumer reads, and the message types routed to it. On a cluster it is made of
-/// several quorum queues, its lanes (see [`Broker::lane_name`]), each led by another node; its
+/// several quorum queues, its lanes (see [`Broker::lane_name`]), each created led by another
+/// node (a failover may later put two lanes' leaders on one node until the leaders are
+/// rebalanced: `rabbitmq-queues rebalance quorum`); its
 /// consumer reads every lane, a relay publishes to one and moves to the next when it stops
 /// confirming (its leader lost, the new one not elected yet), so an order's message waits for a
 /// confirm timeout instead of a leader election. The inbox makes a message that reaches two
@@ -79,7 +81,7 @@ pub struct BrokerSettings {
 
 /// The broker as Gozon uses it. Each consuming context owns everything under
 /// `<prefix>.<context>.`: its inbound topic exchange (`.inbound`, where the other context
-/// publishes what it sends it), its durable quorum queue bound to it by message type, a
+/// publishes what it sends it), its durable quorum queue (its lanes) bound to it by message type, a
 /// dead-letter exchange and the queue's `.dlq`. So each context's broker user needs rights on
 /// its own names and the right to publish to the other's inbound exchange, nothing more
 /// ([`permissions`]): neither can purge or delete the other's queues.
@@ -162,15 +164,30 @@ pub struct LinkState {
     pub for_secs: u64,
 }
 
-/// What follows a task's name when it is one of several links doing the same work.
-const LINK_MARK: &str = " (link ";
+/// The most lanes a queue may have (`--amqp-queue-lanes`).
+pub const MAX_LANES: usize = 3;
 
-/// The name of link `index` (from 0) of `links` doing `task`'s work.
-pub fn link_name(task: &str, index: usize, links: usize) -> String {
-    if links <= 1 {
+/// What follows a task's name when it is one of several links (or lanes) doing the same work.
+const LINK_MARK: &str = " (";
+
+/// The name of link `link` (from 0) of `links` reading lane `lane` of `lanes` for `task`'s
+/// work: `consumer q (lane 2 of 2, link 1 of 2)`, each part only when there are several.
+pub fn link_name(
+    task: &str,
+    (lane, lanes): (usize, usize),
+    (link, links): (usize, usize),
+) -> String {
+    let mut parts = Vec::new();
+    if lanes > 1 {
+        parts.push(format!("lane {} of {lanes}", lane + 1));
+    }
+    if links > 1 {
+        parts.push(format!("link {} of {links}", link + 1));
+    }
+    if parts.is_empty() {
         task.to_owned()
     } else {
-        format!("{task}{LINK_MARK}{} of {links})", index + 1)
+        format!("{task}{LINK_MARK}{})", parts.join(", "))
     }
 }
 
@@ -184,8 +201,9 @@ impl LinkState {
 }
 
 impl BrokerLinks {
-    /// The works none of whose links is connected (a consumer with one of its two links on a
-    /// lost node still consumes), each with how long its most recent link has been down.
+    /// The works none of whose links is connected (a consumer with one of its two links, or the
+    /// link of one of its two lanes, on a lost node still consumes: relays send on through
+    /// the other lane), each with how long its most recent link has been down.
     pub fn stalled(&self) -> Vec<(String, u64)> {
         let mut works: BTreeMap<String, Option<u64>> = BTreeMap::new();
         for state in self.states() {
@@ -385,6 +403,55 @@ impl Broker {
         format!("{}.dlq", self.queue_name(queue))
     }
 
+    /// Lanes of `queue` past this process's count (up to [`MAX_LANES`]) that exist: left by a
+    /// deployment that had more (or by a newer version, during a rollback). Their bindings go,
+    /// so no relay sends there any more (one that does is refused and moves on to another
+    /// lane), and the caller reads what they still hold: nothing waits in a lane nobody reads.
+    pub async fn retired_lanes(&self, connection: &Connection, queue: &QueueSpec) -> Vec<String> {
+        let inbound = self.inbound_exchange(queue);
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let mut found = Vec::new();
+        for lane in self.lanes()..MAX_LANES {
+            let name = self.lane_name(queue, lane);
+            // On a channel of its own: the broker closes it when the lane is not there.
+            let Ok(probe) = self.timed(connection.create_channel()).await else {
+                break;
+            };
+            let declared = self
+                .timed(probe.queue_declare(name.as_str().into(), passive, FieldTable::default()))
+                .await;
+            let Ok(declared) = declared else {
+                continue;
+            };
+            for message_type in queue.message_types {
+                let unbound = probe.queue_unbind(
+                    name.as_str().into(),
+                    inbound.as_str().into(),
+                    self.lane_routing_key(message_type, lane).as_str().into(),
+                    FieldTable::default(),
+                );
+                if let Err(error) = self.timed(unbound).await {
+                    tracing::warn!(queue = %name, %error, "cannot unbind a retired lane");
+                }
+            }
+            tracing::warn!(queue = %name, messages = declared.message_count(), "a lane this deployment no longer has: unbound, and read until it is deleted");
+            let _ = self.timed(probe.close(200, "probed".into())).await;
+            found.push(name);
+        }
+        found
+    }
+
+    /// The routing key of lane 0 for `routing_key`, which may name another lane.
+    pub fn first_lane_key(routing_key: &str) -> &str {
+        match routing_key.split_once('.') {
+            Some((lane, message_type)) if lane.starts_with("lane-") => message_type,
+            _ => routing_key,
+        }
+    }
+
     /// How many lanes each queue has.
     pub fn lanes(&self) -> usize {
         self.settings.lanes.max(1)
@@ -407,9 +474,9 @@ impl Broker {
         }
     }
 
-    /// The node that leads lane `lane` of `queue`: consecutive lanes on consecutive nodes,
-    /// from a node every process derives alike from the queue's name (so the lanes of two
-    /// queues do not all start at the same node).
+    /// The node lane `lane` of `queue` is created on (and its consumers read it from):
+    /// consecutive lanes on consecutive nodes, from a node every process derives alike from the
+    /// queue's name (so the queues' first lanes need not all sit on one node).
     pub fn lane_node(&self, queue: &QueueSpec, lane: usize) -> usize {
         let nodes = self.settings.nodes.len().max(1);
         let start = queue.suffix.bytes().fold(0usize, |sum, byte| {
@@ -733,7 +800,10 @@ impl Broker {
                     return Ok(channel);
                 }
                 Err(AmqpError::Lapin(error)) if error.to_string().contains("NOT_FOUND") => {}
-                Err(error) => return Err(error),
+                Err(error) => {
+                    let _ = self.timed(probe.close(200, "probe failed".into())).await;
+                    return Err(error);
+                }
             }
             // No longer than a node is given before the next is tried beside it.
             let limit = self

@@ -106,11 +106,11 @@ const QUEUE_MEASURE_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct ConsumerSettings {
-    /// Connections the queue is read over, each starting at another broker node.
+    /// Connections each lane of the queue is read over, each starting at another broker node.
     pub links: usize,
-    /// Per link.
+    /// Per link of a lane.
     pub prefetch: u16,
-    /// Deliveries handled at once, per link.
+    /// Deliveries handled at once, per link of a lane.
     pub concurrency: usize,
     /// How long one delivery's transaction may take before it is dropped (with its
     /// connection) and the database counted as unavailable.
@@ -138,8 +138,8 @@ fn lock(delays: &std::sync::Mutex<Delays>) -> std::sync::MutexGuard<'_, Delays> 
 
 /// One queue's consumer: its deliveries applied by `handler`, deduplicated through the inbox
 /// of `schema` under the queue's name.
-/// One link of one lane of it: `link` counts from 0 to `settings.links`, its broker starting at
-/// its own node; `lane` from 0 to the broker's lanes.
+/// One link of one lane of it: `link` counts from 0 to `settings.links`, `lane` from 0 to the
+/// broker's lanes; its broker starts at its own node ([`Broker::for_lane`]).
 pub struct Consumer<H> {
     pub broker: Broker,
     pub queue: QueueSpec,
@@ -156,9 +156,9 @@ impl<H: Handler> Consumer<H> {
     pub async fn run(self, shutdown: CancellationToken) {
         let queue_name = self.broker.lane_name(&self.queue, self.lane);
         let task = link_name(
-            &format!("consumer {queue_name}"),
-            self.link,
-            self.settings.links,
+            &format!("consumer {}", self.broker.queue_name(&self.queue)),
+            (self.lane, self.broker.lanes()),
+            (self.link, self.settings.links),
         );
         while let Some(Opened {
             connection,
@@ -178,9 +178,15 @@ impl<H: Handler> Consumer<H> {
             } else {
                 None
             };
+            // Lanes a deployment with more left behind are read with the first.
+            let retired = if self.lane == 0 && self.link == 0 {
+                self.broker.retired_lanes(&connection, &self.queue).await
+            } else {
+                Vec::new()
+            };
             let link = (&connection, node.as_str());
             let result = self
-                .consume(&channel, link, &queue_name, &task, &shutdown)
+                .consume(&channel, link, (&queue_name, &retired), &task, &shutdown)
                 .await;
             if let Some(measuring) = measuring {
                 measuring.abort();
@@ -260,7 +266,15 @@ impl<H: Handler> Consumer<H> {
         };
         let (broker, queue) = (self.broker.clone(), self.queue);
         Some(tokio::spawn(async move {
-            let mut every = tokio::time::interval(QUEUE_MEASURE_INTERVAL);
+            // With several lanes, first after one interval: the other lanes' consumers (of any
+            // instance) have declared theirs by then, on a new deployment too.
+            let first = if broker.lanes() > 1 {
+                QUEUE_MEASURE_INTERVAL
+            } else {
+                Duration::ZERO
+            };
+            let start = tokio::time::Instant::now() + first;
+            let mut every = tokio::time::interval_at(start, QUEUE_MEASURE_INTERVAL);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
@@ -279,7 +293,7 @@ impl<H: Handler> Consumer<H> {
         &self,
         channel: &lapin::Channel,
         (connection, node): (&lapin::Connection, &str),
-        queue_name: &str,
+        (queue_name, retired): (&str, &[String]),
         task: &str,
         shutdown: &CancellationToken,
     ) -> Result<(), AmqpError> {
@@ -287,14 +301,19 @@ impl<H: Handler> Consumer<H> {
         broker
             .timed(channel.basic_qos(self.settings.prefetch, BasicQosOptions::default()))
             .await?;
-        let mut deliveries = broker
-            .timed(channel.basic_consume(
-                queue_name.into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ))
-            .await?;
+        let mut streams = Vec::new();
+        for name in std::iter::once(queue_name).chain(retired.iter().map(String::as_str)) {
+            let consumer = broker
+                .timed(channel.basic_consume(
+                    name.into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ))
+                .await?;
+            streams.push(consumer);
+        }
+        let mut deliveries = futures_util::stream::select_all(streams);
         broker.links().up(task, node, connection);
         // Up to `concurrency` deliveries are handled at once, each in its own transaction and
         // acked after its own commit; the inbox and the per-order keys keep any interleaving

@@ -142,7 +142,9 @@ pub async fn replay(
             tracing::warn!(?letter.message_id, "no routing key known; left in the dead-letter queue");
             continue;
         };
-        republish(broker, &channel, queue, &routing_key, &message.delivery).await?;
+        // Back to the first lane, which every deployment has, whatever lane it came from.
+        let routing_key = Broker::first_lane_key(&routing_key);
+        republish(broker, &channel, queue, routing_key, &message.delivery).await?;
         broker
             .timed(message.delivery.acker.ack(BasicAckOptions::default()))
             .await?;

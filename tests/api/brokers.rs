@@ -318,6 +318,7 @@ async fn a_relay_whose_node_goes_silent_sends_its_batch_again_elsewhere() {
     let mut settings = env.settings();
     settings.amqp_url = format!("{},{}", first.url(), second.url());
     settings.consumer_links = 1;
+    settings.amqp_queue_lanes = 1;
     // Nothing but the relay's confirm patience (1 s by default) gives the silent node up: the
     // heartbeat and every other broker timeout are far longer.
     settings.amqp_heartbeat_secs = 60;
@@ -495,4 +496,85 @@ async fn a_relay_whose_lane_stops_confirming_sends_on_through_the_next() {
     assert_eq!(applied, 6.0, "{text}");
     assert_eq!(app.balance("lanes").await.str("balance"), "75.00");
     crate::helpers::assert_money_conserved(&env.db().await).await;
+}
+
+/// Whether the broker routes a message published to `exchange` under `routing_key`.
+async fn routed(exchange: &str, routing_key: &str) -> bool {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let connection = lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mandatory = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            mandatory,
+            b"{}",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+    confirm.take_message().is_none()
+}
+
+#[tokio::test]
+async fn a_lane_a_deployment_no_longer_has_is_unbound_and_read_empty() {
+    let env = TestEnv::new();
+    let mut settings = env.settings();
+    settings.amqp_queue_lanes = 2;
+    let before = env.spawn_with(&settings, Role::Payments).await;
+    before.wait_until_ready().await;
+    all_links_up(&before).await;
+    before.funded_account("retired", "10").await;
+    before.shutdown();
+    let client = reqwest::Client::new();
+    while client
+        .get(format!("{}/health/live", before.address))
+        .send()
+        .await
+        .is_ok()
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A request left in the second lane while nothing reads it.
+    let exchange = crate::saga::exchange_for(&env.prefix, "payment.requested.v1");
+    let message_id = uuid::Uuid::new_v4();
+    let body = crate::saga::payment_requested(message_id, uuid::Uuid::new_v4(), "retired", "4");
+    crate::saga::publish_with_signature(
+        &exchange,
+        "lane-2.payment.requested.v1",
+        &message_id.to_string(),
+        &body,
+        Some(&crate::saga::sign(&body)),
+    )
+    .await;
+
+    // Back with one lane: the second is read empty, and no longer bound.
+    settings.amqp_queue_lanes = 1;
+    let after = env.spawn_with(&settings, Role::Payments).await;
+    after.wait_until_ready().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while after.balance("retired").await.str("balance") != "6.00" {
+        assert!(
+            Instant::now() < deadline,
+            "the request in the retired lane was not read"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!routed(&exchange, "lane-2.payment.requested.v1").await);
+    assert!(routed(&exchange, "payment.requested.v1").await);
 }

@@ -152,6 +152,7 @@ impl Drop for TestEnv {
                     for name in [
                         format!("{prefix}.{queue}"),
                         format!("{prefix}.{queue}.lane-2"),
+                        format!("{prefix}.{queue}.lane-3"),
                         format!("{prefix}.{queue}.dlq"),
                     ] {
                         channel

@@ -409,9 +409,15 @@ def saga_p99(ids):
 
 # --- the faults ------------------------------------------------------------------------------
 
-def queue_leaders():
+def queue_leader_map():
     rows = rabbitmqctl(next(n for n in NODES if node_up(n)), "list_queues", "name", "leader").stdout.splitlines()
-    return [r.split("\t")[1].split("@")[1] for r in rows if r.startswith("gozon.") and "\t" in r]
+    return {r.split("\t")[0]: r.split("\t")[1].split("@")[1] for r in rows if r.startswith("gozon.") and "\t" in r}
+
+
+def queue_leaders():
+    leaders = queue_leader_map()
+    log("queue leaders: " + ", ".join(f"{q} on {n}" for q, n in sorted(leaders.items())))
+    return list(leaders.values())
 
 
 def node_up(node):
@@ -476,6 +482,7 @@ def fault_c():
         node = max(NODES, key=leaders.count)
     else:
         node = random.choice(NODES)
+        queue_leaders()
     log(f"(c) partitioning {node} from the other nodes and the apps for 30 s")
     partition(node, True)
     time.sleep(30)
