@@ -41,6 +41,14 @@ SECRETS = {k: os.urandom(16).hex() for k in (
     "GOZON_ORDERS_AMQP_PASSWORD", "GOZON_PAYMENTS_AMQP_PASSWORD", "REPLICATION_PASSWORD")}
 SECRETS["GOZON_MESSAGE_KEY"] = os.urandom(32).hex()
 STATE = {"primary": "pg1"}
+# Every container has a fixed address, and every name is in every container's /etc/hosts: the
+# network runs without podman's name server (aardvark-dns), whose answers a run must not depend
+# on. `db` names the primary; at a promotion the harness points it at the new one in each
+# running container's hosts file, as a cluster's read-write Service or DNS record would move.
+_BASE = SUBNET.rsplit(".", 1)[0]
+ADDRESSES = {name: f"{_BASE}.{host}" for name, host in (
+    ("rmq1", 11), ("rmq2", 12), ("rmq3", 13), ("pg1", 21), ("pg2", 22), ("orders-1", 31),
+    ("orders-2", 32), ("payments-1", 41), ("payments-2", 42), ("gateway", 50))}
 
 
 def log(message):
@@ -61,6 +69,38 @@ def podman(*args, **kw):
 def ip(container):
     return podman("inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
                   container).stdout.strip()
+
+
+def hosts():
+    """The --add-host arguments of a container on the network: every name, and `db`."""
+    names = dict(ADDRESSES, db=ADDRESSES[STATE["primary"]])
+    return [arg for name, address in names.items() for arg in ("--add-host", f"{name}:{address}")]
+
+
+def on_network(name):
+    """`podman run` arguments that put container `name` (None: a short-lived one) on the network."""
+    fixed = ["--name", name, "--ip", ADDRESSES[name]] if name else []
+    return [*fixed, "--network", NET, *hosts()]
+
+
+def point_db(containers):
+    """`db` in each of `containers`' /etc/hosts names the current primary (rewritten in place:
+    the file is bind-mounted; the C library reads it at every look-up)."""
+    line = f"{ADDRESSES[STATE['primary']]}\tdb\n"
+    for name in containers:
+        path = podman("inspect", "--format", "{{.HostsPath}}", name, check=False).stdout.strip()
+        if not path or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            kept = [entry for entry in f.read().splitlines(keepends=True) if entry.split()[1:2] != ["db"]]
+        with open(path, "w") as f:
+            f.write("".join(kept) + line)
+
+
+def start(*names):
+    """Starts stopped containers; podman writes their hosts file anew, so `db` is pointed again."""
+    podman("start", *names)
+    point_db(names)
 
 
 def pid(container):
@@ -125,7 +165,7 @@ def wait(what, condition, within=120.0, every=0.5):
 
 def start_rabbitmq(node):
     conf = os.path.join(WORK, "rabbitmq-cluster.conf")
-    podman("run", "-d", "--name", node, "--hostname", node, "--network", NET, "--network-alias", node,
+    podman("run", "-d", *on_network(node), "--hostname", node,
            "-e", f"RABBITMQ_NODENAME=rabbit@{node}",
            "-e", f"RABBITMQ_ERLANG_COOKIE={SECRETS['RABBITMQ_PASSWORD']}",
            "-e", f"RABBITMQ_PASSWORD={SECRETS['RABBITMQ_PASSWORD']}",
@@ -155,8 +195,7 @@ echo "host replication replicator all scram-sha-256" >> "$PGDATA/pg_hba.conf"
               "-e", "POSTGRES_DB=gozon",
               "-e", f"GOZON_ORDERS_DB_PASSWORD={SECRETS['GOZON_ORDERS_DB_PASSWORD']}",
               "-e", f"GOZON_PAYMENTS_DB_PASSWORD={SECRETS['GOZON_PAYMENTS_DB_PASSWORD']}"]
-    podman("run", "-d", "--name", "pg1", "--network", NET, "--network-alias", "pg1", "--network-alias", "db",
-           *common, "-v", f"{ROOT}/deploy/postgres/init-roles.sh:/docker-entrypoint-initdb.d/10-roles.sh:ro",
+    podman("run", "-d", *on_network("pg1"), *common, "-v", f"{ROOT}/deploy/postgres/init-roles.sh:/docker-entrypoint-initdb.d/10-roles.sh:ro",
            "-v", f"{init}:/docker-entrypoint-initdb.d/20-replication.sh:ro",
            "postgres:15", "postgres", "-c", "wal_level=replica", "-c", "max_wal_senders=5",
            "-c", "synchronous_standby_names=standby1", "-c", "synchronous_commit=on", "-c", "max_connections=200")
@@ -171,7 +210,7 @@ until setpriv --reuid=postgres --regid=postgres --init-groups env PGPASSWORD={SE
 exec setpriv --reuid=postgres --regid=postgres --init-groups postgres -D "$PGDATA" -c cluster_name=standby1 -c max_connections=200
 """)
     os.chmod(standby, 0o755)
-    podman("run", "-d", "--name", "pg2", "--network", NET, "--network-alias", "pg2",
+    podman("run", "-d", *on_network("pg2"),
            "-v", f"{standby}:/standby.sh:ro", "--entrypoint", '["/standby.sh"]', "postgres:15")
     wait("the standby, streaming synchronously", lambda: sql(
         "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby1'") == [["sync"]])
@@ -193,8 +232,7 @@ def app_env(role):
 def start_app(name):
     role = name.split("-")[0]
     env = [arg for key, value in app_env(role).items() for arg in ("-e", f"{key}={value}")]
-    podman("run", "-d", "--name", name, "--network", NET, "--network-alias", name, "--network-alias", role,
-           *env, "gozon:local", "serve", "--role", role)
+    podman("run", "-d", *on_network(name), *env, "gozon:local", "serve", "--role", role)
 
 
 def ready(name):
@@ -202,18 +240,39 @@ def ready(name):
     return status == 200
 
 
+def wait_ready(name, within=120.0):
+    """Waits for `name` to be ready; if it does not get there, says what it answers and what the
+    network's names resolve to (from it and from the gateway) before giving up."""
+    try:
+        wait(f"{name} ready", lambda: ready(name), within=within)
+    except SystemExit:
+        status, body = http("GET", f"http://{ip(name)}:8000/health/ready", timeout=3)
+        log(f"{name} answers /health/ready with {status}: {json.dumps(body)}")
+        for looked_up in ["db", "rmq1", "rmq2", "rmq3"]:
+            found = podman("exec", name, "getent", "hosts", looked_up, check=False, timeout=10)
+            log(f"from {name}, {looked_up} -> {found.stdout.split() or found.returncode}")
+        raise
+
+
 def start_gateway():
-    podman("run", "-d", "--name", "gateway", "--network", NET,
-           "-e", "NGINX_ENTRYPOINT_LOCAL_RESOLVERS=1", "-e", "NGINX_ENVSUBST_OUTPUT_DIR=/etc/nginx",
+    """The compose gateway's nginx.conf; its upstreams are the instances' fixed addresses (as
+    deploy/k8s names Services), since this network has no name server to look roles up in."""
+    upstreams = os.path.join(WORK, "upstreams.conf")
+    with open(upstreams, "w") as f:
+        for role in ("orders", "payments"):
+            servers = "".join(f"    server {ADDRESSES[f'{role}-{i}']}:8000;\n" for i in (1, 2))
+            f.write(f"upstream {role}_instances {{\n{servers}    keepalive 16;\n}}\n"
+                    f"map \"\" $gozon_{role} {{\n    default {role}_instances;\n}}\n")
+    podman("run", "-d", *on_network("gateway"),
            "-v", f"{ROOT}/gateway/nginx.conf:/etc/nginx/nginx.conf:ro",
-           "-v", f"{ROOT}/gateway/upstreams.conf.template:/etc/nginx/templates/upstreams.conf.template:ro",
+           "-v", f"{upstreams}:/etc/nginx/upstreams.conf:ro",
            "-v", f"{ROOT}/static:/usr/share/nginx/html:ro", "nginx:1.27-alpine")
 
 
 def up():
-    # Containers take addresses from the lower half; the load's client addresses are above it.
-    lower_half = SUBNET.rsplit("/", 1)[0] + "/25"
-    podman("network", "create", "--subnet", SUBNET, "--ip-range", lower_half, NET)
+    # Fixed addresses are below .64, short-lived containers take .64-.127, clients are above.
+    dynamic = SUBNET.rsplit(".", 1)[0] + ".64/26"
+    podman("network", "create", "--disable-dns", "--subnet", SUBNET, "--ip-range", dynamic, NET)
     bridge = json.loads(podman("network", "inspect", NET).stdout)[0]["network_interface"]
     base = SUBNET.rsplit(".", 1)[0]
     CLIENTS.clear()
@@ -232,7 +291,7 @@ def up():
     start_postgres()
     wait("the RabbitMQ cluster", cluster_running, within=180, every=2)
     owner = f"postgres://gozon:{SECRETS['POSTGRES_PASSWORD']}@db:5432/gozon"
-    podman("run", "--rm", "--network", NET, "gozon:local", "migrate", "--database-url", owner,
+    podman("run", "--rm", *on_network(None), "gozon:local", "migrate", "--database-url", owner,
            "--orders-db-role", "gozon_orders", "--payments-db-role", "gozon_payments")
     for name in APPS:
         start_app(name)
@@ -241,7 +300,7 @@ def up():
     for address in CLIENTS:
         run("ip", "addr", "replace", f"{address}/32", "dev", bridge)
     for name in APPS:
-        wait(f"{name} ready", lambda name=name: ready(name), within=120)
+        wait_ready(name)
     global GATEWAY
     GATEWAY = f"http://{ip('gateway')}:8000"
     wait("the gateway", lambda: http("GET", f"{GATEWAY}/api/orders/orders?user_id=x")[0] == 200)
@@ -420,6 +479,34 @@ def queue_leaders():
     return list(leaders.values())
 
 
+INITIAL_LEADERS = {}  # queue -> the node that led it once the deployment was up
+
+
+def restore_leaders():
+    """Each lane led again by the node that led it when the deployment started.
+
+    A lane's leader moves when its node goes down and stays where it moved when the node comes
+    back, while the lane's consumers stay connected to the node it was declared on (deliveries
+    then cross the cluster, and a consumer's node lost costs a heartbeat's detection, as one
+    leading nothing would not). Before each broker fault the harness moves any moved leader back,
+    as an operator would after a node returns: each fault then starts from the layout the
+    deployment started with, and what it measures is that fault alone."""
+    leaders = queue_leader_map()
+    for queue in sorted(q for q in leaders if not q.endswith(".dlq")):
+        home = INITIAL_LEADERS.get(queue)
+        if home is None or leaders[queue] == home or not node_up(home):
+            continue
+        expression = (f'{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), '
+                      f"rabbit_quorum_queue:transfer_leadership(Q, 'rabbit@{home}').")
+        result = rabbitmqctl(leaders[queue], "eval", expression, check=False)
+        log(f"{queue} had moved to {leaders[queue]}: its leader back to {home} "
+            f"({(result.stdout + result.stderr).strip()})")
+        try:
+            wait(f"{queue} led by {home}", lambda q=queue, h=home: queue_leader_map().get(q) == h, within=15)
+        except SystemExit:
+            log(f"{queue} is still led by {queue_leader_map().get(queue)}")
+
+
 def node_up(node):
     return podman("inspect", "--format", "{{.State.Running}}", node, check=False).stdout.strip() == "true"
 
@@ -496,16 +583,16 @@ def fault_d():
     podman("kill", "orders-1", "payments-2")
     time.sleep(10)
     heal = db_now()
-    podman("start", "orders-1", "payments-2")
-    return heal, lambda: [wait(f"{n} ready", lambda n=n: ready(n)) for n in ("orders-1", "payments-2")]
+    start("orders-1", "payments-2")
+    return heal, lambda: [wait_ready(n) for n in ("orders-1", "payments-2")]
 
 
 def fault_e():
     log("(e) rolling restart of every app instance")
     for name in APPS:
         podman("stop", "-t", "10", name)
-        podman("start", name)
-        wait(f"{name} ready", lambda name=name: ready(name))
+        start(name)
+        wait_ready(name)
     return db_now(), lambda: None
 
 
@@ -516,7 +603,7 @@ def fault_g():
     time.sleep(30)
     heal = db_now()
     partition_from_db(name, False)
-    return heal, lambda: wait(f"{name} ready", lambda: ready(name))
+    return heal, lambda: wait_ready(name)
 
 
 def fault_f():
@@ -528,11 +615,10 @@ def fault_f():
     for statement in ("ALTER SYSTEM SET synchronous_standby_names = ''", "SELECT pg_reload_conf()"):
         podman("exec", "-u", "postgres", "pg2", "psql", "-U", "gozon", "-d", "gozon", "-Atqc", statement)
     # The name `db` moves to the new primary (as a cluster's read-write Service would).
-    podman("network", "disconnect", "-f", NET, "pg2")
-    podman("network", "connect", "--alias", "db", "--alias", "pg2", NET, "pg2")
     STATE["primary"] = "pg2"
+    point_db(APPS)
     log(f"promoted: {promote.stdout.strip()}")
-    return db_now(), lambda: [wait(f"{n} ready", lambda n=n: ready(n)) for n in APPS]
+    return db_now(), lambda: [wait_ready(n) for n in APPS]
 
 
 FAULTS = {"a": ("stop the node leading the queues, 30 s", fault_a, True),
@@ -568,7 +654,7 @@ def check_money(load, topups):
         finished[row[0]] = int(row[1])
     exact = all(topups[u] == balances.get(u, 0) + finished.get(u, 0) for u in topups)
     owner = f"postgres://gozon:{SECRETS['POSTGRES_PASSWORD']}@db:5432/gozon"
-    audit = podman("run", "--rm", "--network", NET, "gozon:local", "audit", "--database-url", owner,
+    audit = podman("run", "--rm", *on_network(None), "gozon:local", "audit", "--database-url", owner,
                    "--stuck-after-secs", "120", check=False)
     return lost, doubled, not_final, exact, audit.returncode == 0, audit.stdout.strip().splitlines()[-1:]
 
@@ -587,9 +673,12 @@ def main():
         http("POST", f"{GATEWAY}/api/payments/create_account?user_id={user}")
         http("POST", f"{GATEWAY}/api/payments/add_funds?user_id={user}&amount=100000")
         topups[user] = 10_000_000
+    INITIAL_LEADERS.update(queue_leader_map())
     rows = []
     for letter in ONLY:
         title, fault, broker_fault = FAULTS[letter]
+        if broker_fault:
+            restore_leaders()
         load = Load(users)
         readiness = Readiness()
         load.start()
@@ -633,7 +722,7 @@ def main():
     down()
     ok = all(r["lost"] == 0 and r["doubled"] == 0 and r["not final"] == 0 and r["balances exact"]
              and r["audit"] == "passed" for r in rows)
-    sys.exit(0 if ok else 1)
+    return ok
 
 
 def criteria(row, letter):
@@ -679,9 +768,27 @@ def write_report(rows, took):
     print(text)
 
 
+def show_failure():
+    """On a run that stopped short: every container's log saved, and each app's last lines shown
+    (CI keeps only what was printed)."""
+    save_logs()
+    folder = os.path.join(os.path.dirname(REPORT), "cluster-logs")
+    for name in APPS + ["gateway"]:
+        path = os.path.join(folder, f"{name}.log")
+        if os.path.exists(path):
+            with open(path) as f:
+                tail = f.read().splitlines()[-12:]
+            print(f"--- the last lines of {name}'s log:", *tail, sep="\n", flush=True)
+
+
 if __name__ == "__main__":
+    completed = ok = False
     try:
-        main()
+        ok = main()
+        completed = True
     finally:
+        if not completed:
+            show_failure()
         if not os.environ.get("CLUSTER_KEEP"):
             down()
+    sys.exit(0 if ok else 1)
