@@ -126,6 +126,7 @@ class Load(threading.Thread):
         self.placed = []  # (order id, user, amount)
 
     def run(self):
+        self.began = time.monotonic()
         n = 0
         while not self.stop.is_set():
             n += 1
@@ -165,10 +166,22 @@ def restart_at_a_new_address(service):
     comes back elsewhere; returns (old, new, seconds until healthy again)."""
     old = address(service)
     run(ENGINE, "kill", container(service))
+    run(ENGINE, "wait", container(service), check_rc=False)
     network = f"{PROJECT}_default"
     holder = f"{PROJECT}-ipholder-{service}"
-    run(ENGINE, "run", "-d", "--rm", "--name", holder, "--network", network, "--ip", old,
-        "--entrypoint", "sleep", "debian:bookworm-slim", "600")
+    # The engine frees a killed container's address when its clean-up has run, a moment after
+    # the kill: until then the address is still taken.
+    deadline = time.monotonic() + 15
+    while True:
+        held = run(ENGINE, "run", "-d", "--rm", "--name", holder, "--network", network, "--ip", old,
+                   "--entrypoint", "sleep", "debian:bookworm-slim", "600", check_rc=False)
+        if held.returncode == 0:
+            break
+        run(ENGINE, "rm", "-f", "-t", "0", holder, check_rc=False, quiet=True)
+        if time.monotonic() > deadline:
+            print(held.stdout, held.stderr, file=sys.stderr)
+            raise SystemExit(f"{old} was not freed within 15 s of killing {container(service)}")
+        time.sleep(0.5)
     time.sleep(3)
     started = time.monotonic()
     run(ENGINE, "start", container(service))
@@ -241,9 +254,12 @@ def main():
     load.start()
     time.sleep(3)
     moves = {}
+    phases = []  # (s after the load began, what started then)
     for service in ("payments", "orders"):
+        phases.append((round(time.monotonic() - load.began, 1), f"{service} killed"))
         moves[service] = restart_at_a_new_address(service)
         time.sleep(3)
+    phases.append((round(time.monotonic() - load.began, 1), "up -d with a changed image"))
     before = {c["Names"][0] if isinstance(c["Names"], list) else c["Names"]: c["Id"] for c in project_containers()}
     run(*REBUILD)
     recreated = compose("up", "-d").stdout
@@ -266,7 +282,8 @@ def main():
     check(f"every call through the gateway answered within {NORMAL:.0f} s while roles restarted",
           slowest < NORMAL and not unanswered,
           f"{len(load.calls)} calls, slowest {slowest:.2f} s, statuses "
-          f"{sorted(set(c[2] for c in load.calls))}")
+          f"{sorted(set(c[2] for c in load.calls))}; slowest three (ended s after the load began, call, "
+          f"status, s): {[(round(c[0] - load.began, 1), c[1], c[2], round(c[3], 2)) for c in sorted(load.calls, key=lambda c: -c[3])[:3]]}; {phases}")
     # After the last restart every call succeeds again.
     tail = [c for c in load.calls if c[0] > load.calls[-1][0] - 3]
     check("calls succeed again once the roles are back", tail and all(c[2] in (200, 201) for c in tail),
