@@ -136,6 +136,11 @@ pub struct Settings {
     #[arg(long, env = "GOZON_CONSUMER_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub consumer_concurrency: u16,
 
+    /// Most deliveries a consumer applies in one transaction (1: each in its own). A batch is
+    /// what has already arrived when a handler is free: none is waited for.
+    #[arg(long, env = "GOZON_CONSUMER_BATCH", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub consumer_batch: u16,
+
     /// Connections each consumer reads each lane of its queue over, each to another broker node,
     /// from the node that leads the lane (0: one when there are several lanes; else two when
     /// AMQP_URL names several nodes, else one). The concurrency and prefetch are shared among
@@ -601,6 +606,7 @@ impl Settings {
             links: usize::from(links),
             prefetch: share(self.prefetch).max(concurrency),
             concurrency: usize::from(concurrency),
+            batch: usize::from(self.consumer_batch),
             db_timeout: self.db_pool().operation_timeout(),
             hold: Duration::from_secs(5),
         }
@@ -633,6 +639,7 @@ impl fmt::Debug for Settings {
             .field("delivery_limit", &self.delivery_limit)
             .field("prefetch", &self.prefetch)
             .field("consumer_concurrency", &self.consumer_concurrency)
+            .field("consumer_batch", &self.consumer_batch)
             .field("consumer_links", &self.consumer_links)
             .field("queue_expires_secs", &self.queue_expires_secs)
             .field("amqp_timeout_ms", &self.amqp_timeout_ms)

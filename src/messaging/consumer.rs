@@ -6,8 +6,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
@@ -99,6 +99,14 @@ pub trait Handler: Send + Sync + 'static {
     fn committed(&self, applied: Self::Applied) {
         let _ = applied;
     }
+
+    /// The row a message's effect contends for with other messages' (an account, an order):
+    /// a batch applies its messages in this order, so two batches that share rows take their
+    /// locks in the same order and do not deadlock.
+    fn lock_key(&self, message: &Self::Message) -> String {
+        let _ = message;
+        String::new()
+    }
 }
 
 /// How often a consumer asks the broker how deep its queue and dead-letter queue are.
@@ -112,6 +120,9 @@ pub struct ConsumerSettings {
     pub prefetch: u16,
     /// Deliveries handled at once, per link of a lane.
     pub concurrency: usize,
+    /// Most deliveries applied in one transaction: those already received when a handler is
+    /// free, so a batch forms only while deliveries wait (none waits to fill one).
+    pub batch: usize,
     /// How long one delivery's transaction may take before it is dropped (with its
     /// connection) and the database counted as unavailable.
     pub db_timeout: Duration,
@@ -119,6 +130,15 @@ pub struct ConsumerSettings {
     /// consumer hands every delivery it holds back to the queue (for another instance, or for
     /// itself once the database answers) and stops taking more until it does.
     pub hold: Duration,
+}
+
+/// What the consumer stream handed over: a delivery, or why there is none.
+fn received(next: Option<Result<Delivery, lapin::Error>>) -> Result<Delivery, AmqpError> {
+    match next {
+        Some(Ok(delivery)) => Ok(delivery),
+        Some(Err(error)) => Err(error.into()),
+        None => Err(AmqpError::ConsumerCancelled),
+    }
 }
 
 /// A text header of `delivery`.
@@ -315,9 +335,10 @@ impl<H: Handler> Consumer<H> {
         }
         let mut deliveries = futures_util::stream::select_all(streams);
         broker.links().up(task, node, connection);
-        // Up to `concurrency` deliveries are handled at once, each in its own transaction and
-        // acked after its own commit; the inbox and the per-order keys keep any interleaving
-        // safe. They run on this task, not spawned: nothing outlives the channel.
+        // Up to `concurrency` batches are handled at once, each in its own transaction and its
+        // deliveries acked after its commit; a batch is the first delivery and those already
+        // received behind it. The inbox and the per-order keys keep any interleaving safe.
+        // They run on this task, not spawned: nothing outlives the channel.
         let requeue_delays = std::sync::Mutex::new(Delays::new());
         let mut in_flight = FuturesUnordered::new();
         loop {
@@ -329,12 +350,14 @@ impl<H: Handler> Consumer<H> {
                     }
                 }
                 next = deliveries.next(), if room => {
-                    let delivery = match next {
-                        Some(Ok(delivery)) => delivery,
-                        Some(Err(error)) => return Err(error.into()),
-                        None => return Err(AmqpError::ConsumerCancelled),
-                    };
-                    in_flight.push(self.process(delivery, queue_name, &requeue_delays, shutdown));
+                    let mut batch = vec![received(next)?];
+                    while batch.len() < self.settings.batch {
+                        match deliveries.next().now_or_never() {
+                            Some(next) => batch.push(received(next)?),
+                            None => break,
+                        }
+                    }
+                    in_flight.push(self.process_batch(batch, queue_name, &requeue_delays, shutdown));
                 }
                 _ = shutdown.cancelled() => {
                     // Let what is in hand finish (a held message gives up on shutdown).
@@ -345,6 +368,102 @@ impl<H: Handler> Consumer<H> {
                 }
             }
         }
+    }
+
+    /// Applies `batch` in one transaction and acks each delivery after its commit. A delivery
+    /// that cannot be opened or that fails inside the batch (a poison message, a conflict) is
+    /// handled alone, the batch tried again without it, so one bad message never holds up the
+    /// others; each is settled on its own outcome.
+    async fn process_batch(
+        &self,
+        batch: Vec<Delivery>,
+        queue_name: &str,
+        requeue_delays: &std::sync::Mutex<Delays>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), AmqpError> {
+        let mut alone = Vec::new();
+        let mut opened = Vec::with_capacity(batch.len());
+        if batch.len() == 1 {
+            alone = batch;
+        } else {
+            for delivery in batch {
+                match self.open(&delivery) {
+                    Ok((envelope, message)) => opened.push((delivery, envelope, message)),
+                    Err(_) => alone.push(delivery),
+                }
+            }
+        }
+        // A batch that fails because of one of its messages is tried again without it (that
+        // one is handled alone); one that fails otherwise (begin, commit, time) is split up.
+        while opened.len() > 1 {
+            opened.sort_by_cached_key(|(_, _, message)| self.handler.lock_key(message));
+            let limit = self.settings.db_timeout;
+            let outcome = match tokio::time::timeout(limit, self.apply_batch(&opened)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err((
+                    None,
+                    HandleError::Unavailable(format!(
+                        "the database did not answer within {limit:?}"
+                    )),
+                )),
+            };
+            let metrics = self.broker.metrics();
+            metrics.consumer_batch(queue_name, opened.len(), outcome.is_ok());
+            match outcome {
+                Ok(handled) => {
+                    *lock(requeue_delays) = Delays::new();
+                    for ((delivery, _, _), handled) in opened.iter().zip(handled) {
+                        self.settle(delivery, Ok(handled), queue_name, Duration::ZERO, shutdown)
+                            .await?;
+                    }
+                    opened.clear();
+                }
+                Err((Some(failed), error)) => {
+                    tracing::info!(queue = queue_name, messages = opened.len(), %error, "a message failed in a batch; the batch goes on without it");
+                    alone.push(opened.remove(failed).0);
+                }
+                Err((None, error)) => {
+                    tracing::info!(queue = queue_name, messages = opened.len(), %error, "a batch failed; applying its messages one by one");
+                    break;
+                }
+            }
+        }
+        alone.extend(opened.into_iter().map(|(delivery, _, _)| delivery));
+        for delivery in alone {
+            self.process(delivery, queue_name, requeue_delays, shutdown)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// One attempt at a batch: each message's inbox record and effect, in one transaction.
+    async fn apply_batch(
+        &self,
+        opened: &[(Delivery, Envelope, H::Message)],
+    ) -> Result<Vec<Handled>, (Option<usize>, HandleError)> {
+        let whole = |error: sea_orm::DbErr| (None, HandleError::from(error));
+        let txn = self.db.begin().await.map_err(whole)?;
+        let mut results = Vec::with_capacity(opened.len());
+        for (index, (delivery, envelope, message)) in opened.iter().enumerate() {
+            let span = self.message_span(delivery, envelope);
+            let result = self
+                .apply_in(&txn, envelope, message)
+                .instrument(span)
+                .await
+                .map_err(|error| (Some(index), error))?;
+            results.push(result);
+        }
+        // On error the transaction is dropped: every record of the batch rolls back.
+        txn.commit().await.map_err(whole)?;
+        Ok(results
+            .into_iter()
+            .map(|(handled, applied)| {
+                if let Some(applied) = applied {
+                    self.handler.committed(applied);
+                }
+                handled
+            })
+            .collect())
     }
 
     /// Handles one delivery and acks, dead-letters or requeues it.
@@ -515,23 +634,35 @@ impl<H: Handler> Consumer<H> {
         message: &H::Message,
     ) -> Result<Handled, HandleError> {
         let txn = self.db.begin().await?;
+        // On error the transaction is dropped: the inbox record rolls back with the effect.
+        let (handled, applied) = self.apply_in(&txn, envelope, message).await?;
+        txn.commit().await?;
+        if let Some(applied) = applied {
+            self.handler.committed(applied);
+        }
+        Ok(handled)
+    }
+
+    /// The message's inbox record and, the first time, its effect, inside `txn`.
+    async fn apply_in(
+        &self,
+        txn: &DatabaseTransaction,
+        envelope: &Envelope,
+        message: &H::Message,
+    ) -> Result<(Handled, Option<H::Applied>), HandleError> {
         let first =
-            inbox::record_first_delivery(&txn, self.schema, self.queue.suffix, envelope.message_id)
+            inbox::record_first_delivery(txn, self.schema, self.queue.suffix, envelope.message_id)
                 .await?;
         if !first {
-            txn.commit().await?;
             tracing::info!("duplicate message ignored");
-            return Ok(Handled::Duplicate);
+            return Ok((Handled::Duplicate, None));
         }
         let incoming = Incoming {
             message: message.clone(),
             message_id: envelope.message_id,
             correlation_id: envelope.correlation_id.clone(),
         };
-        // On error the transaction is dropped: the inbox record rolls back with the effect.
-        let applied = self.handler.apply(&txn, incoming).await?;
-        txn.commit().await?;
-        self.handler.committed(applied);
-        Ok(Handled::Applied)
+        let applied = self.handler.apply(txn, incoming).await?;
+        Ok((Handled::Applied, Some(applied)))
     }
 }

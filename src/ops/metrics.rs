@@ -52,6 +52,8 @@ pub struct Metrics {
     registry: Arc<Registry>,
     published: Family<SchemaLabel, Counter>,
     consumed: Family<ConsumedLabels, Counter>,
+    batches: Family<ConsumedLabels, Counter>,
+    batched: Family<QueueLabel, Counter>,
     saga_duration: Histogram,
     outbox_backlog: Family<SchemaLabel, Gauge>,
     outbox_oldest_age: Family<SchemaLabel, Gauge<f64, AtomicU64>>,
@@ -80,6 +82,18 @@ impl Default for Metrics {
             "messages_consumed",
             "Deliveries handled, by queue and outcome (applied, duplicate, dead_lettered, requeued)",
             consumed.clone(),
+        );
+        let batches = Family::<ConsumedLabels, Counter>::default();
+        registry.register(
+            "consumer_batches",
+            "Batches of deliveries a consumer applied in one transaction, by queue and outcome (committed, or split: applied one by one after it failed)",
+            batches.clone(),
+        );
+        let batched = Family::<QueueLabel, Counter>::default();
+        registry.register(
+            "consumer_batched_messages",
+            "Deliveries applied in a committed batch of several",
+            batched.clone(),
         );
         // 5 ms .. ~80 s.
         let saga_duration = Histogram::new(exponential_buckets(0.005, 2.0, 15));
@@ -152,6 +166,8 @@ impl Default for Metrics {
             registry: Arc::new(registry),
             published,
             consumed,
+            batches,
+            batched,
             saga_duration,
             outbox_backlog,
             outbox_oldest_age,
@@ -178,6 +194,21 @@ impl Metrics {
             outcome: outcome.to_owned(),
         };
         self.consumed.get_or_create(&labels).inc();
+    }
+
+    /// A batch of `size` deliveries of `queue` committed in one transaction, or split.
+    pub fn consumer_batch(&self, queue: &str, size: usize, committed: bool) {
+        let labels = ConsumedLabels {
+            queue: queue.to_owned(),
+            outcome: if committed { "committed" } else { "split" }.to_owned(),
+        };
+        self.batches.get_or_create(&labels).inc();
+        if committed {
+            let queue = QueueLabel {
+                queue: queue.to_owned(),
+            };
+            self.batched.get_or_create(&queue).inc_by(size as u64);
+        }
     }
 
     pub fn relay_published(&self, from_schema: &str, seconds: f64) {

@@ -173,6 +173,11 @@ impl Handler for SagaHandler {
             Applied::Nothing => {}
         }
     }
+
+    /// An answer locks its order's row.
+    fn lock_key(&self, message: &Answer) -> String {
+        message.order_id.to_string()
+    }
 }
 
 fn poison_mismatch(answer: &Answer, order: &Order) -> HandleError {

@@ -72,6 +72,14 @@ impl Handler for PaymentRequestHandler {
     fn committed(&self, (): ()) {
         self.relay_wake.notify_one();
     }
+
+    /// A debit or refund locks its user's account row.
+    fn lock_key(&self, message: &Request) -> String {
+        match message {
+            Request::Debit(request) => request.user_id.as_str().to_owned(),
+            Request::Refund(request) => request.user_id.as_str().to_owned(),
+        }
+    }
 }
 
 fn charge(order_id: uuid::Uuid, user: &UserId, amount: Money) -> OrderCharge<'_> {

@@ -4,6 +4,7 @@
 mod architecture;
 mod audit;
 mod auth;
+mod batches;
 mod broker_users;
 mod brokers;
 mod deployment;

@@ -1,0 +1,137 @@
+//! Deliveries that wait are applied in batches, one transaction each; a batch that fails (here:
+//! a poison message inside it) is applied again one by one, so the poison goes to the
+//! dead-letter queue alone and every other message takes effect exactly once.
+
+use std::time::{Duration, Instant};
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+
+use gozon::app::cli::Role;
+use gozon::{app, payments};
+
+use crate::helpers::{AMQP, TestEnv, scalar_i64};
+use crate::poison::wait_for_dead_letters;
+use crate::saga::{payment_requested, publish_raw};
+
+/// Consumers of `queue` the broker knows of.
+async fn consumers_of(queue: &str) -> u32 {
+    let connection = Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+    declared.consumer_count()
+}
+
+/// The value of the metric line that starts with `prefix`, 0 when there is none.
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .map_or(0.0, |value| value.parse().unwrap())
+}
+
+#[tokio::test]
+async fn waiting_deliveries_are_applied_in_batches_and_a_poison_one_is_split_out() {
+    let env = TestEnv::new();
+    let users = ["bat-a", "bat-b", "bat-c", "bat-d"];
+    {
+        let app = env.spawn(Role::Payments).await;
+        for user in users {
+            app.funded_account(user, "100").await;
+        }
+        app.shutdown();
+    }
+    let broker = app::broker(&env.settings(), Role::Payments).unwrap();
+    let queue = broker.queue_name(&payments::PAYMENT_REQUESTS);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while consumers_of(&queue).await > 0 {
+        assert!(Instant::now() < deadline, "the first app still consumes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // While nobody consumes: 12 payment requests (3 per user, 10.00 each), and amid them a
+    // refund of an order that was never debited (readable, but it can never be applied).
+    let mut orders = Vec::new();
+    let poison = uuid::Uuid::now_v7().to_string();
+    for i in 0..12 {
+        if i == 6 {
+            let refund = serde_json::to_vec(&serde_json::json!({
+                "message_id": poison, "type": "refund.requested.v1",
+                "correlation_id": "batch-poison", "occurred_at": "2026-12-04T00:00:00Z",
+                "payload": {"order_id": uuid::Uuid::now_v7(), "user_id": "bat-a", "amount": "10.00"},
+            }))
+            .unwrap();
+            publish_raw(&env.prefix, "refund.requested.v1", &poison, &refund).await;
+        }
+        let (message_id, order_id) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let body = payment_requested(message_id, order_id, users[i % 4], "10.00");
+        publish_raw(
+            &env.prefix,
+            "payment.requested.v1",
+            &message_id.to_string(),
+            &body,
+        )
+        .await;
+        orders.push(order_id);
+    }
+
+    // One delivery at a time in hand: the first is applied alone, the rest wait and come as
+    // batches.
+    let mut settings = env.settings();
+    settings.consumer_concurrency = 1;
+    let app = env.spawn_with(&settings, Role::Payments).await;
+    app.wait_until_ready().await;
+    let db = env.db().await;
+    let debited = "SELECT count(*) FROM payments.order_payments WHERE outcome = 'debited'";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scalar_i64(&db, debited).await < 12 {
+        assert!(Instant::now() < deadline, "not every request was applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let letters = wait_for_dead_letters(&env, &payments::PAYMENT_REQUESTS, 1).await;
+    assert_eq!(letters[0].message_id.as_deref(), Some(poison.as_str()));
+
+    for user in users {
+        assert_eq!(app.balance(user).await.str("balance"), "70.00", "{user}");
+    }
+    let debits = "SELECT count(*) FROM payments.transactions WHERE kind = 'debit'";
+    assert_eq!(scalar_i64(&db, debits).await, 12, "one debit per order");
+    let answers =
+        "SELECT count(*) FROM payments.outbox WHERE message_type = 'payment.succeeded.v1'";
+    assert_eq!(scalar_i64(&db, answers).await, 12, "one answer per order");
+    let refunds = "SELECT count(*) FROM payments.transactions WHERE kind = 'refund'";
+    assert_eq!(
+        scalar_i64(&db, refunds).await,
+        0,
+        "the poison changed nothing"
+    );
+    let balances = "SELECT sum(balance_minor)::BIGINT FROM payments.accounts";
+    assert_eq!(scalar_i64(&db, balances).await, 4 * 10_000 - 12 * 1_000);
+
+    let text = app.metrics_text().await;
+    let queue_label = format!("queue=\"{queue}\"");
+    let batched = metric(
+        &text,
+        &format!("gozon_consumer_batched_messages_total{{{queue_label}}}"),
+    );
+    let split = metric(
+        &text,
+        &format!("gozon_consumer_batches_total{{{queue_label},outcome=\"split\"}}"),
+    );
+    assert!(batched >= 2.0, "no batch of several was committed:\n{text}");
+    assert!(
+        split >= 1.0,
+        "the batch with the poison was not split:\n{text}"
+    );
+}
