@@ -371,9 +371,10 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// Applies `batch` in one transaction and acks each delivery after its commit. A delivery
-    /// that cannot be opened or that fails inside the batch (a poison message, a conflict) is
-    /// handled alone, the batch tried again without it, so one bad message never holds up the
-    /// others; each is settled on its own outcome.
+    /// that cannot be opened, or that is poison inside the batch, is handled alone and the
+    /// batch tried again without it, so one bad message never holds up the others; a batch
+    /// that fails otherwise (a conflict, the database) is handled one delivery at a time, as
+    /// if it had never been a batch. Each is settled on its own outcome.
     async fn process_batch(
         &self,
         batch: Vec<Delivery>,
@@ -381,6 +382,8 @@ impl<H: Handler> Consumer<H> {
         requeue_delays: &std::sync::Mutex<Delays>,
         shutdown: &CancellationToken,
     ) -> Result<(), AmqpError> {
+        // The database hold counts from the first attempt, the batch's.
+        let held_until = std::time::Instant::now() + self.settings.hold;
         let mut alone = Vec::new();
         let mut opened = Vec::with_capacity(batch.len());
         if batch.len() == 1 {
@@ -393,12 +396,12 @@ impl<H: Handler> Consumer<H> {
                 }
             }
         }
-        // A batch that fails because of one of its messages is tried again without it (that
-        // one is handled alone); one that fails otherwise (begin, commit, time) is split up.
+        let metrics = self.broker.metrics();
         while opened.len() > 1 {
-            opened.sort_by_cached_key(|(_, _, message)| self.handler.lock_key(message));
-            let limit = self.settings.db_timeout;
-            let outcome = match tokio::time::timeout(limit, self.apply_batch(&opened)).await {
+            // No longer than the hold: a database that does not answer is noticed as soon as
+            // with single deliveries.
+            let limit = self.settings.hold.min(self.settings.db_timeout);
+            let outcome = match tokio::time::timeout(limit, self.apply_batch(&mut opened)).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err((
                     None,
@@ -407,10 +410,9 @@ impl<H: Handler> Consumer<H> {
                     )),
                 )),
             };
-            let metrics = self.broker.metrics();
-            metrics.consumer_batch(queue_name, opened.len(), outcome.is_ok());
             match outcome {
                 Ok(handled) => {
+                    metrics.consumer_batch(queue_name, opened.len(), "committed");
                     *lock(requeue_delays) = Delays::new();
                     for ((delivery, _, _), handled) in opened.iter().zip(handled) {
                         self.settle(delivery, Ok(handled), queue_name, Duration::ZERO, shutdown)
@@ -418,50 +420,98 @@ impl<H: Handler> Consumer<H> {
                     }
                     opened.clear();
                 }
-                Err((Some(failed), error)) => {
-                    tracing::info!(queue = queue_name, messages = opened.len(), %error, "a message failed in a batch; the batch goes on without it");
+                Err((Some(failed), error @ HandleError::Poison(_))) => {
+                    metrics.consumer_batch(queue_name, opened.len(), "retried");
+                    tracing::info!(queue = queue_name, messages = opened.len(), %error, "a poison message in a batch; the batch goes on without it");
                     alone.push(opened.remove(failed).0);
                 }
-                Err((None, error)) => {
+                Err((_, error)) => {
+                    metrics.consumer_batch(queue_name, opened.len(), "split");
                     tracing::info!(queue = queue_name, messages = opened.len(), %error, "a batch failed; applying its messages one by one");
+                    let unavailable = matches!(error, HandleError::Unavailable(_));
+                    if unavailable
+                        && std::time::Instant::now() >= held_until
+                        && !shutdown.is_cancelled()
+                    {
+                        // Held as long as allowed: the channel goes, and every delivery with it.
+                        return Err(AmqpError::DatabaseUnavailable);
+                    }
                     break;
                 }
             }
         }
         alone.extend(opened.into_iter().map(|(delivery, _, _)| delivery));
-        for delivery in alone {
-            self.process(delivery, queue_name, requeue_delays, shutdown)
-                .await?;
+        // Each on its own, at once (as unbatched deliveries are): one that is held or paused
+        // before its requeue does not hold up the others.
+        let singles = alone.into_iter().map(|delivery| {
+            self.process(delivery, queue_name, requeue_delays, held_until, shutdown)
+        });
+        for settled in futures_util::future::join_all(singles).await {
+            settled?;
         }
         Ok(())
     }
 
-    /// One attempt at a batch: each message's inbox record and effect, in one transaction.
+    /// One attempt at a batch, in one transaction: first every message's inbox record, in
+    /// the order of their ids, then the effects of those seen for the first time, in the order
+    /// of the rows they lock ([`Handler::lock_key`], then id). So batches, and a batch and a
+    /// copy of one of its messages, take their locks in one order and do not deadlock. An
+    /// error names the message it came from, when it came from one.
     async fn apply_batch(
         &self,
-        opened: &[(Delivery, Envelope, H::Message)],
+        opened: &mut [(Delivery, Envelope, H::Message)],
     ) -> Result<Vec<Handled>, (Option<usize>, HandleError)> {
         let whole = |error: sea_orm::DbErr| (None, HandleError::from(error));
         let txn = self.db.begin().await.map_err(whole)?;
-        let mut results = Vec::with_capacity(opened.len());
-        for (index, (delivery, envelope, message)) in opened.iter().enumerate() {
+        opened.sort_by_key(|(_, envelope, _)| envelope.message_id);
+        let mut first = Vec::with_capacity(opened.len());
+        for (index, (_, envelope, _)) in opened.iter().enumerate() {
+            let recorded = inbox::record_first_delivery(
+                &txn,
+                self.schema,
+                self.queue.suffix,
+                envelope.message_id,
+            )
+            .await
+            .map_err(|error| (Some(index), HandleError::from(error)))?;
+            first.push(recorded);
+        }
+        let mut order: Vec<usize> = (0..opened.len()).filter(|&i| first[i]).collect();
+        order.sort_by_cached_key(|&i| {
+            let (_, envelope, message) = &opened[i];
+            (self.handler.lock_key(message), envelope.message_id)
+        });
+        let mut applied = Vec::with_capacity(order.len());
+        for index in order {
+            let (delivery, envelope, message) = &opened[index];
+            let incoming = Incoming {
+                message: message.clone(),
+                message_id: envelope.message_id,
+                correlation_id: envelope.correlation_id.clone(),
+            };
             let span = self.message_span(delivery, envelope);
             let result = self
-                .apply_in(&txn, envelope, message)
+                .handler
+                .apply(&txn, incoming)
                 .instrument(span)
                 .await
                 .map_err(|error| (Some(index), error))?;
-            results.push(result);
+            applied.push(result);
         }
         // On error the transaction is dropped: every record of the batch rolls back.
         txn.commit().await.map_err(whole)?;
-        Ok(results
+        for result in applied {
+            self.handler.committed(result);
+        }
+        Ok(first
             .into_iter()
-            .map(|(handled, applied)| {
-                if let Some(applied) = applied {
-                    self.handler.committed(applied);
+            .map(|first| {
+                if first {
+                    Handled::Applied
+                } else {
+                    tracing::info!("duplicate message ignored");
+                    Handled::Duplicate
                 }
-                handled
             })
             .collect())
     }
@@ -472,10 +522,11 @@ impl<H: Handler> Consumer<H> {
         delivery: Delivery,
         queue_name: &str,
         requeue_delays: &std::sync::Mutex<Delays>,
+        held_until: std::time::Instant,
         shutdown: &CancellationToken,
     ) -> Result<(), AmqpError> {
         let outcome = self
-            .handle_holding_through_outages(&delivery, shutdown)
+            .handle_holding_through_outages(&delivery, held_until, shutdown)
             .await;
         if matches!(outcome, Err(HandleError::Unavailable(_))) && !shutdown.is_cancelled() {
             // Held as long as allowed: the channel goes, and every delivery with it.
@@ -542,11 +593,12 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// Handles `delivery`; while the database is unreachable, keeps the message and tries again
-    /// with backoff, until it is applied, fails for another reason, the hold runs out (then it
-    /// answers Unavailable), or shutdown begins.
+    /// with backoff, until it is applied, fails for another reason, the hold runs out at
+    /// `held_until` (then it answers Unavailable), or shutdown begins.
     async fn handle_holding_through_outages(
         &self,
         delivery: &Delivery,
+        held_until: std::time::Instant,
         shutdown: &CancellationToken,
     ) -> Result<Handled, HandleError> {
         let (envelope, message) = self.open(delivery)?;
@@ -554,7 +606,6 @@ impl<H: Handler> Consumer<H> {
         let mut delays = Delays::new();
         let mut held = false;
         let limit = self.settings.db_timeout;
-        let held_until = std::time::Instant::now() + self.settings.hold;
         loop {
             let attempt = self
                 .apply_once(&envelope, &message)

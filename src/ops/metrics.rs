@@ -86,7 +86,7 @@ impl Default for Metrics {
         let batches = Family::<ConsumedLabels, Counter>::default();
         registry.register(
             "consumer_batches",
-            "Batches of deliveries a consumer applied in one transaction, by queue and outcome (committed, or split: applied one by one after it failed)",
+            "Attempts at applying a batch of deliveries in one transaction, by queue and outcome (committed; retried: rolled back for a poison message and tried again without it; split: failed otherwise, its deliveries applied one by one)",
             batches.clone(),
         );
         let batched = Family::<QueueLabel, Counter>::default();
@@ -196,14 +196,15 @@ impl Metrics {
         self.consumed.get_or_create(&labels).inc();
     }
 
-    /// A batch of `size` deliveries of `queue` committed in one transaction, or split.
-    pub fn consumer_batch(&self, queue: &str, size: usize, committed: bool) {
+    /// An attempt at a batch of `size` deliveries of `queue`: `committed`, `retried` (rolled
+    /// back for a poison message, tried again without it) or `split` (applied one by one).
+    pub fn consumer_batch(&self, queue: &str, size: usize, outcome: &str) {
         let labels = ConsumedLabels {
             queue: queue.to_owned(),
-            outcome: if committed { "committed" } else { "split" }.to_owned(),
+            outcome: outcome.to_owned(),
         };
         self.batches.get_or_create(&labels).inc();
-        if committed {
+        if outcome == "committed" {
             let queue = QueueLabel {
                 queue: queue.to_owned(),
             };
