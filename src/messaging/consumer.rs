@@ -95,6 +95,24 @@ pub trait Handler: Send + Sync + 'static {
         incoming: Incoming<Self::Message>,
     ) -> impl Future<Output = Result<Self::Applied, HandleError>> + Send;
 
+    /// The common case of a message alone, in one statement of its own with its inbox
+    /// record (`inbox`, written with [`inbox::Record::insert_per_row_of`] only when the
+    /// statement has an effect) and no transaction around it: one round trip and one commit
+    /// instead of four or more. `Ok(Some(_))`: applied and committed. `Ok(None)`: nothing
+    /// written (not the common case). An error (a duplicate's inbox record among them) has
+    /// written nothing either. Unless applied, the consumer goes on with [`Handler::apply`]
+    /// in a transaction, which tells duplicates, refusals and poison apart. By default no
+    /// message has a common case.
+    fn apply_alone(
+        &self,
+        db: &DatabaseConnection,
+        inbox: inbox::Record<'_>,
+        incoming: &Incoming<Self::Message>,
+    ) -> impl Future<Output = Result<Option<Self::Applied>, sea_orm::DbErr>> + Send {
+        let _ = (db, inbox, incoming);
+        async { Ok(None) }
+    }
+
     /// Runs once the transaction of `apply` has committed (wake a relay, count, log).
     fn committed(&self, applied: Self::Applied) {
         let _ = applied;
@@ -678,12 +696,35 @@ impl<H: Handler> Consumer<H> {
         Ok((envelope, message))
     }
 
-    /// One attempt: inbox record and effect in one transaction.
+    /// One attempt: the handler's one statement when the message is its common case, else
+    /// inbox record and effect in one transaction.
     async fn apply_once(
         &self,
         envelope: &Envelope,
         message: &H::Message,
     ) -> Result<Handled, HandleError> {
+        let incoming = Incoming {
+            message: message.clone(),
+            message_id: envelope.message_id,
+            correlation_id: envelope.correlation_id.clone(),
+        };
+        let record = inbox::Record {
+            schema: self.schema,
+            consumer: self.queue.suffix,
+            message_id: envelope.message_id,
+        };
+        match self.handler.apply_alone(&self.db, record, &incoming).await {
+            Ok(Some(applied)) => {
+                self.handler.committed(applied);
+                return Ok(Handled::Applied);
+            }
+            Ok(None) => {}
+            Err(error) if crate::db::is_unavailable(&error) => return Err(error.into()),
+            // A copy applied meanwhile, say: the transaction tells what it was.
+            Err(error) => {
+                tracing::debug!(%error, "the one-statement path failed; applying in a transaction");
+            }
+        }
         let txn = self.db.begin().await?;
         // On error the transaction is dropped: the inbox record rolls back with the effect.
         let (handled, applied) = self.apply_in(&txn, envelope, message).await?;

@@ -1,7 +1,7 @@
 //! The inbox: which messages a consumer has already applied, recorded in the same transaction
 //! as their effect, so a redelivered or duplicated message has no second effect.
 
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 use uuid::Uuid;
 
 /// Records that `consumer` applies `message_id` now. Returns false if it already had.
@@ -26,4 +26,31 @@ pub async fn record_first_delivery(
         ))
         .await?;
     Ok(result.rows_affected() == 1)
+}
+
+/// The inbox record of one message, for a handler that writes it from a statement of its own
+/// ([`crate::messaging::consumer::Handler::apply_alone`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    pub schema: &'a str,
+    pub consumer: &'a str,
+    pub message_id: Uuid,
+}
+
+impl Record<'_> {
+    /// An INSERT of this record for each row of `gate` (a CTE: the record is written only with
+    /// the effect), its two values bound at `$first` and `$first + 1` ([`Record::values`]).
+    /// A plain INSERT: a message already recorded makes the whole statement fail.
+    pub fn insert_per_row_of(&self, gate: &str, first: usize) -> String {
+        format!(
+            "INSERT INTO {}.inbox (consumer, message_id) SELECT ${first}, ${} FROM {gate}",
+            self.schema,
+            first + 1
+        )
+    }
+
+    /// The consumer and the message id, in that order.
+    pub fn values(&self) -> [Value; 2] {
+        [self.consumer.into(), self.message_id.into()]
+    }
 }

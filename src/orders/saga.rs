@@ -19,7 +19,7 @@ use crate::kernel::periodic::every;
 use crate::kernel::user_id::UserId;
 use crate::messaging::consumer::{HandleError, Handler, Incoming};
 use crate::messaging::envelope::{Envelope, Message};
-use crate::messaging::outbox;
+use crate::messaging::{inbox, outbox};
 use crate::ops::metrics::Metrics;
 use crate::orders::domain::{Order, OrderId, OrderStatus, Refund};
 use crate::orders::store::{self, Settlement};
@@ -160,6 +160,23 @@ impl Handler for SagaHandler {
             }
             AnswerKind::Refunded => record_refund(txn, answer).await,
         }
+    }
+
+    /// A payment answer for a NEW order it matches, in one statement.
+    async fn apply_alone(
+        &self,
+        db: &DatabaseConnection,
+        inbox: inbox::Record<'_>,
+        incoming: &Incoming<Answer>,
+    ) -> Result<Option<Applied>, DbErr> {
+        let answer = &incoming.message;
+        let AnswerKind::Payment(status) = answer.kind else {
+            return Ok(None);
+        };
+        let order = (answer.order_id, &answer.user_id, answer.amount);
+        let notice = events::notification(&answer.order_id, &answer.user_id);
+        let settled = store::settle_alone(db, order, status, inbox, notice).await?;
+        Ok(settled.map(Applied::Settled))
     }
 
     fn committed(&self, applied: Applied) {

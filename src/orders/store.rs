@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use crate::kernel::money::Money;
 use crate::kernel::user_id::UserId;
+use crate::messaging::inbox;
 use crate::messaging::outbox::OutboxRow;
 use crate::orders::domain::{CancelReason, Order, OrderCursor, OrderId, OrderStatus, Refund};
 
@@ -214,6 +215,44 @@ pub async fn settle_order(
         Some(order) => Settlement::AlreadyFinal(order),
         None => Settlement::Unknown,
     })
+}
+
+/// The common case of a payment answer in one statement, with no transaction around it: a
+/// NEW order that the answer matches (user, amount) becomes `status`, with the answer's inbox
+/// record (`inbox`) and the notice that it changed (`pg_notify(channel, notice)`), or nothing
+/// is written (None: the transaction path tells final, unknown and mismatched orders apart).
+/// A copy of the answer at once waits for the row, then finds the order no longer NEW.
+pub async fn settle_alone(
+    conn: &impl ConnectionTrait,
+    (id, paid_by, amount): (OrderId, &UserId, Money),
+    status: OrderStatus,
+    inbox: inbox::Record<'_>,
+    (channel, notice): (&'static str, String),
+) -> Result<Option<Order>, DbErr> {
+    let record = inbox.insert_per_row_of("settled", 6);
+    let sql = format!(
+        "WITH settled AS (\
+           UPDATE orders.orders SET status = $2, reason = $3, updated_at = clock_timestamp() \
+           WHERE id = $1 AND status = 'NEW' AND user_id = $4 AND amount_minor = $5 \
+           RETURNING {ORDER_COLUMNS}), \
+         recorded AS ({record}), \
+         notified AS (SELECT pg_notify($8, $9) FROM settled) \
+         SELECT settled.*, (SELECT count(*) FROM notified) AS notified FROM settled"
+    );
+    let mut values: Vec<Value> = vec![
+        id.as_uuid().into(),
+        status.as_str().into(),
+        status.reason().map(|r| r.as_str().to_owned()).into(),
+        paid_by.as_str().into(),
+        amount.minor().into(),
+    ];
+    values.extend(inbox.values());
+    values.extend([channel.into(), notice.into()]);
+    OrderRow::find_by_statement(statement(&sql, values))
+        .one(conn)
+        .await?
+        .map(OrderRow::into_order)
+        .transpose()
 }
 
 /// Runs an UPDATE ... RETURNING the order's columns; the order if a row matched.

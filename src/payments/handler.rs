@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use sea_orm::DatabaseTransaction;
+use sea_orm::{DatabaseConnection, DatabaseTransaction};
 use tokio::sync::Notify;
 
 use crate::contracts::{
@@ -14,7 +14,7 @@ use crate::kernel::money::Money;
 use crate::kernel::user_id::UserId;
 use crate::messaging::consumer::{HandleError, Handler, Incoming};
 use crate::messaging::envelope::{Envelope, Message};
-use crate::messaging::outbox;
+use crate::messaging::{inbox, outbox};
 use crate::payments::domain::DebitOutcome;
 use crate::payments::store::{OrderCharge, RefundOutcome};
 use crate::payments::{SCHEMA, store};
@@ -67,6 +67,30 @@ impl Handler for PaymentRequestHandler {
             Request::Debit(request) => debit(txn, request, correlation_id).await,
             Request::Refund(request) => refund(txn, request, correlation_id).await,
         }
+    }
+
+    /// A debit that succeeds, in one statement.
+    async fn apply_alone(
+        &self,
+        db: &DatabaseConnection,
+        inbox: inbox::Record<'_>,
+        incoming: &Incoming<Request>,
+    ) -> Result<Option<()>, sea_orm::DbErr> {
+        let Request::Debit(request) = &incoming.message else {
+            return Ok(None);
+        };
+        let answer = PaymentSucceededV1 {
+            order_id: request.order_id,
+            user_id: request.user_id.clone(),
+            amount: request.amount,
+        };
+        let answer = outbox::OutboxRow::new(&answer, &incoming.correlation_id)?;
+        let charge = charge(request.order_id, &request.user_id, request.amount);
+        let debited = store::debit_alone(db, &charge, inbox, answer).await?;
+        if debited {
+            tracing::debug!(order_id = %request.order_id, "payment decided: debited");
+        }
+        Ok(debited.then_some(()))
     }
 
     fn committed(&self, (): ()) {

@@ -7,6 +7,8 @@ use uuid::Uuid;
 use crate::contracts::PaymentFailureReason;
 use crate::kernel::money::Money;
 use crate::kernel::user_id::UserId;
+use crate::messaging::inbox;
+use crate::messaging::outbox::OutboxRow;
 use crate::payments::domain::{Account, DebitOutcome, EntryKind, LedgerEntry};
 
 /// The business cap on a balance, 1 000 000 000.00: a top-up past it is refused. (Far below
@@ -182,6 +184,54 @@ pub async fn debit_for_order(
         .ok_or_else(|| DbErr::Custom(format!("order {order_id}: its payment claim is gone")))?;
     let stored: String = recorded.try_get("", "outcome")?;
     stored_outcome(order_id, &stored)
+}
+
+/// The common case of a debit in one statement, with no transaction around it: an order not
+/// claimed yet, on an account that holds enough. The debit, its ledger row, the claim (as
+/// debited), the request's inbox record (`inbox`) and the answer (`answer`, PaymentSucceeded)
+/// are written together, or nothing is: false when the balance is short, there is no account
+/// or the order was claimed already (the transaction path tells those apart). Two copies of
+/// one request at once: the account's row lock serialises them and the second one's claim
+/// (a plain INSERT on the order's key) fails its statement, so the order is debited once.
+pub async fn debit_alone(
+    conn: &impl ConnectionTrait,
+    charge: &OrderCharge<'_>,
+    inbox: inbox::Record<'_>,
+    answer: OutboxRow,
+) -> Result<bool, DbErr> {
+    let OrderCharge {
+        order_id,
+        user,
+        amount,
+    } = *charge;
+    let record = inbox.insert_per_row_of("debited", 4);
+    let columns = OutboxRow::INSERT_COLUMNS;
+    let sql = format!(
+        "WITH debited AS ( \
+             UPDATE payments.accounts \
+             SET balance_minor = balance_minor - $2, updated_at = clock_timestamp() \
+             WHERE user_id = $1 AND balance_minor >= $2 \
+               AND NOT EXISTS (SELECT 1 FROM payments.order_payments WHERE order_id = $3) \
+             RETURNING user_id, balance_minor), \
+         claimed AS ( \
+             INSERT INTO payments.order_payments (order_id, user_id, amount_minor, outcome) \
+             SELECT $3, user_id, $2, 'debited' FROM debited), \
+         ledger AS ( \
+             INSERT INTO payments.transactions (user_id, kind, amount_minor, order_id, balance_after_minor) \
+             SELECT user_id, 'debit', $2, $3, balance_minor FROM debited), \
+         recorded AS ({record}), \
+         answered AS (INSERT INTO payments.outbox ({columns}) SELECT $6, $7, $8, $9, $10 FROM debited) \
+         SELECT count(*) AS debited FROM debited"
+    );
+    let mut values: Vec<Value> = vec![user.as_str().into(), amount.minor().into(), order_id.into()];
+    values.extend(inbox.values());
+    values.extend(answer.values());
+    let row = conn
+        .query_one_raw(statement(&sql, values))
+        .await?
+        .ok_or_else(|| DbErr::Custom("a debit answered no row".to_owned()))?;
+    let debited: i64 = row.try_get("", "debited")?;
+    Ok(debited == 1)
 }
 
 /// An order's amount, charged to (or given back to) a user.

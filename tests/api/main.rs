@@ -18,6 +18,7 @@ mod jwks;
 mod least_privilege;
 mod lifecycle;
 mod metrics;
+mod one_statement;
 mod openapi;
 mod ops_kit;
 mod orders;

@@ -1,0 +1,181 @@
+//! The one-statement paths of the consumers (a debit that succeeds, a payment answer for a NEW
+//! order) raced against themselves: copies of one request or answer applied at once, under one
+//! message id or two, take effect once, and one that does not apply writes nothing.
+
+use gozon::app::cli::Role;
+use gozon::contracts::PaymentSucceededV1;
+use gozon::kernel::money::Money;
+use gozon::kernel::user_id::UserId;
+use gozon::messaging::inbox;
+use gozon::messaging::outbox::OutboxRow;
+use gozon::orders::domain::{OrderId, OrderStatus};
+use gozon::orders::{events, store as orders_store};
+use gozon::payments::store::{self as payments_store, OrderCharge};
+use sea_orm::Database;
+
+use crate::helpers::{TestEnv, scalar_i64};
+
+fn record(
+    schema: &'static str,
+    consumer: &'static str,
+    message_id: uuid::Uuid,
+) -> inbox::Record<'static> {
+    inbox::Record {
+        schema,
+        consumer,
+        message_id,
+    }
+}
+
+fn answer(order_id: uuid::Uuid, user: &UserId, amount: Money) -> OutboxRow {
+    let answer = PaymentSucceededV1 {
+        order_id,
+        user_id: user.clone(),
+        amount,
+    };
+    OutboxRow::new(&answer, "test-one-statement").unwrap()
+}
+
+#[tokio::test]
+async fn racing_one_statement_debits_of_one_order_debit_it_once() {
+    let env = TestEnv::new();
+    let app = env.spawn(Role::Payments).await;
+    app.funded_account("ivy", "100.00").await;
+    // Two pools: the copies of each pair run on two connections at once.
+    let (first, second) = (
+        Database::connect(&env.database_url).await.unwrap(),
+        Database::connect(&env.database_url).await.unwrap(),
+    );
+    let db = env.db().await;
+    let user = UserId::parse("ivy").unwrap();
+    let amount = Money::parse_amount("3.00").unwrap();
+    let consumer = "payments.payment-requests";
+
+    // 20 orders, each asked twice at once: even ones under one message id, odd ones under two.
+    for n in 0..20 {
+        let order_id = uuid::Uuid::now_v7();
+        let ids = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let ids = if n % 2 == 0 { (ids.0, ids.0) } else { ids };
+        let charge = OrderCharge {
+            order_id,
+            user: &user,
+            amount,
+        };
+        let (a, b) = tokio::join!(
+            payments_store::debit_alone(
+                &first,
+                &charge,
+                record("payments", consumer, ids.0),
+                answer(order_id, &user, amount)
+            ),
+            payments_store::debit_alone(
+                &second,
+                &charge,
+                record("payments", consumer, ids.1),
+                answer(order_id, &user, amount)
+            ),
+        );
+        // One applied; the other found the order claimed (false) or failed on the claim or
+        // inbox key (an error): either way it wrote nothing.
+        let applied = [&a, &b].iter().filter(|r| matches!(r, Ok(true))).count();
+        assert_eq!(applied, 1, "order {n}: {a:?} / {b:?}");
+        let debits = scalar_i64(
+            &db,
+            &format!(
+                "SELECT count(*) FROM payments.transactions WHERE kind = 'debit' AND order_id = '{order_id}'"
+            ),
+        )
+        .await;
+        assert_eq!(debits, 1, "order {n} debited once");
+    }
+    assert_eq!(app.balance("ivy").await.str("balance"), "40.00");
+    let counts = [
+        "SELECT count(*) FROM payments.order_payments WHERE outcome = 'debited'",
+        "SELECT count(*) FROM payments.inbox",
+        "SELECT count(*) FROM payments.outbox WHERE message_type = 'payment.succeeded.v1'",
+    ];
+    for sql in counts {
+        assert_eq!(scalar_i64(&db, sql).await, 20, "{sql}");
+    }
+
+    // Short of money: nothing written at all (the transaction path records the refusal).
+    let order_id = uuid::Uuid::now_v7();
+    let big = Money::parse_amount("50.00").unwrap();
+    let charge = OrderCharge {
+        order_id,
+        user: &user,
+        amount: big,
+    };
+    let refused = payments_store::debit_alone(
+        &first,
+        &charge,
+        record("payments", consumer, uuid::Uuid::now_v7()),
+        answer(order_id, &user, big),
+    )
+    .await
+    .unwrap();
+    assert!(!refused, "a short balance is not debited");
+    for sql in counts {
+        assert_eq!(scalar_i64(&db, sql).await, 20, "after the refusal: {sql}");
+    }
+    assert_eq!(app.balance("ivy").await.str("balance"), "40.00");
+}
+
+#[tokio::test]
+async fn racing_one_statement_answers_for_one_order_settle_it_once() {
+    let env = TestEnv::new();
+    // Orders only: the payment request waits in its queue and the order stays NEW.
+    let app = env.spawn(Role::Orders).await;
+    let placed = app.create_order("joe", "7.00").await;
+    let id = OrderId::parse(placed.str("id")).unwrap();
+    let (first, second) = (
+        Database::connect(&env.database_url).await.unwrap(),
+        Database::connect(&env.database_url).await.unwrap(),
+    );
+    let db = env.db().await;
+    let user = UserId::parse("joe").unwrap();
+    let amount = Money::parse_amount("7.00").unwrap();
+    let consumer = "orders.payment-results";
+
+    // An answer that names another amount matches nothing and writes nothing.
+    let wrong = orders_store::settle_alone(
+        &first,
+        (id, &user, Money::parse_amount("8.00").unwrap()),
+        OrderStatus::Finished,
+        record("orders", consumer, uuid::Uuid::now_v7()),
+        events::notification(&id, &user),
+    )
+    .await
+    .unwrap();
+    assert!(wrong.is_none());
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM orders.inbox").await,
+        0
+    );
+
+    let (a, b) = tokio::join!(
+        orders_store::settle_alone(
+            &first,
+            (id, &user, amount),
+            OrderStatus::Finished,
+            record("orders", consumer, uuid::Uuid::now_v7()),
+            events::notification(&id, &user),
+        ),
+        orders_store::settle_alone(
+            &second,
+            (id, &user, amount),
+            OrderStatus::Finished,
+            record("orders", consumer, uuid::Uuid::now_v7()),
+            events::notification(&id, &user),
+        ),
+    );
+    let settled: Vec<_> = [a, b].into_iter().map(Result::unwrap).flatten().collect();
+    assert_eq!(settled.len(), 1, "one copy settles the order");
+    assert_eq!(settled[0].status, OrderStatus::Finished);
+    assert_eq!(app.order(placed.str("id")).await.str("status"), "FINISHED");
+    assert_eq!(
+        scalar_i64(&db, "SELECT count(*) FROM orders.inbox").await,
+        1,
+        "only the copy that applied is recorded"
+    );
+}
