@@ -169,7 +169,7 @@ async fn racing_one_statement_answers_for_one_order_settle_it_once() {
             events::notification(&id, &user),
         ),
     );
-    let settled: Vec<_> = [a, b].into_iter().map(Result::unwrap).flatten().collect();
+    let settled: Vec<_> = [a, b].into_iter().filter_map(Result::unwrap).collect();
     assert_eq!(settled.len(), 1, "one copy settles the order");
     assert_eq!(settled[0].status, OrderStatus::Finished);
     assert_eq!(app.order(placed.str("id")).await.str("status"), "FINISHED");
