@@ -8,11 +8,13 @@ use poem::middleware::ReqId;
 use poem_openapi::param::{Header, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{Enum, Object, OpenApi, Tags};
-use sea_orm::{DatabaseConnection, DatabaseTransaction};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::kernel::coalesce::{BatchLoad, Coalescer, Lanes};
+use crate::kernel::money::Money;
+use crate::kernel::user_id::UserId;
 use crate::orders::domain::{CancelReason, Order, OrderCursor, OrderId, OrderStatus};
 use crate::orders::events::{self, FollowError, OrderEvents, StreamLimits};
 use crate::orders::store::Cancelled;
@@ -292,6 +294,20 @@ fn correlation_id(request: &poem::Request) -> String {
     }
 }
 
+/// Places a NEW order over `conn` (a transaction, or the pool for a statement on its own).
+async fn place(
+    conn: &impl ConnectionTrait,
+    user: &UserId,
+    amount: Money,
+    correlation_id: &str,
+    cap: Option<u32>,
+) -> Result<OrderBody, ApiError> {
+    let order = saga::place_order(conn, user, amount, correlation_id, cap).await?;
+    // No row: the user has as many NEW orders as allowed.
+    let order = order.ok_or_else(|| OrdersError::TooManyNewOrders(cap.unwrap_or(0)))?;
+    Ok(OrderBody::from(order))
+}
+
 #[OpenApi(prefix_path = "/api/orders", tag = "Tag::Orders")]
 impl OrdersApi {
     /// Place an order. Answers at once with status NEW; Payments then debits the user's
@@ -313,22 +329,19 @@ impl OrdersApi {
             let amount = parse_amount(&amount)?;
             let correlation_id = correlation_id(request);
             let cap = self.max_new_orders;
-            let place = async |txn: &DatabaseTransaction| {
-                let order = saga::place_order(txn, &user, amount, &correlation_id, cap).await?;
-                // No row: the user has as many NEW orders as allowed.
-                let order = order.ok_or_else(|| OrdersError::TooManyNewOrders(cap.unwrap_or(0)))?;
-                Ok(OrderBody::from(order))
+            let order = match idempotency_key.as_deref() {
+                // Nothing to remember with it: one statement, committed on its own.
+                None => place(&self.db, &user, amount, &correlation_id, cap).await?,
+                Some(key) => {
+                    let fingerprint = format!("user_id={user}&amount={amount}");
+                    let place = async |txn: &DatabaseTransaction| {
+                        place(txn, &user, amount, &correlation_id, cap).await
+                    };
+                    CREATE
+                        .run(&self.db, &caller, Some(key), &fingerprint, place)
+                        .await?
+                }
             };
-            let fingerprint = format!("user_id={user}&amount={amount}");
-            let order = CREATE
-                .run(
-                    &self.db,
-                    &caller,
-                    idempotency_key.as_deref(),
-                    &fingerprint,
-                    place,
-                )
-                .await?;
             self.relay_wake.notify_one();
             Ok::<_, ApiError>(order)
         };

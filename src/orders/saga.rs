@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -25,11 +25,12 @@ use crate::orders::domain::{Order, OrderId, OrderStatus, Refund};
 use crate::orders::store::{self, Settlement};
 use crate::orders::{SCHEMA, events};
 
-/// Creates a NEW order and its payment request in the caller's transaction (one statement),
+/// Creates a NEW order and its payment request in one statement (in the caller's transaction,
+/// if any),
 /// unless the user has `cap` NEW orders already (None). Once that commits, the caller wakes the
 /// outbox relay.
 pub async fn place_order(
-    txn: &DatabaseTransaction,
+    txn: &impl ConnectionTrait,
     user: &UserId,
     amount: Money,
     correlation_id: &str,
