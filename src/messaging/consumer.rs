@@ -118,6 +118,20 @@ pub trait Handler: Send + Sync + 'static {
         let _ = applied;
     }
 
+    /// Locks, inside `txn`, the rows the messages' effects contend for ([`Handler::lock_key`]:
+    /// an account, an order), in one order; the consumer calls it first in every transaction,
+    /// before any inbox record. The one-statement path ([`Handler::apply_alone`]) takes that
+    /// row first too, so a transaction and a copy of one of its messages applied alone wait
+    /// for each other on it instead of deadlocking (inbox record here, row there).
+    fn lock(
+        &self,
+        txn: &DatabaseTransaction,
+        messages: &[&Self::Message],
+    ) -> impl Future<Output = Result<(), sea_orm::DbErr>> + Send {
+        let _ = (txn, messages);
+        async { Ok(()) }
+    }
+
     /// The row a message's effect contends for with other messages' (an account, an order):
     /// a batch applies its messages in this order, so two batches that share rows take their
     /// locks in the same order and do not deadlock.
@@ -470,17 +484,20 @@ impl<H: Handler> Consumer<H> {
         Ok(())
     }
 
-    /// One attempt at a batch, in one transaction: first every message's inbox record, in
-    /// the order of their ids, then the effects of those seen for the first time, in the order
-    /// of the rows they lock ([`Handler::lock_key`], then id). So batches, and a batch and a
-    /// copy of one of its messages, take their locks in one order and do not deadlock. An
-    /// error names the message it came from, when it came from one.
+    /// One attempt at a batch, in one transaction: first the rows its messages contend for
+    /// ([`Handler::lock`]), then every message's inbox record, in the order of their ids, then
+    /// the effects of those seen for the first time, in the order of the rows they lock
+    /// ([`Handler::lock_key`], then id). So batches, and a batch and a copy of one of its
+    /// messages (in a batch, a transaction or one statement), take their locks in one order
+    /// and do not deadlock. An error names the message it came from, when it came from one.
     async fn apply_batch(
         &self,
         opened: &mut [(Delivery, Envelope, H::Message)],
     ) -> Result<Vec<Handled>, (Option<usize>, HandleError)> {
         let whole = |error: sea_orm::DbErr| (None, HandleError::from(error));
         let txn = self.db.begin().await.map_err(whole)?;
+        let messages: Vec<&H::Message> = opened.iter().map(|(_, _, message)| message).collect();
+        self.handler.lock(&txn, &messages).await.map_err(whole)?;
         opened.sort_by_key(|(_, envelope, _)| envelope.message_id);
         let mut first = Vec::with_capacity(opened.len());
         for (index, (_, envelope, _)) in opened.iter().enumerate() {
@@ -713,15 +730,19 @@ impl<H: Handler> Consumer<H> {
             consumer: self.queue.suffix,
             message_id: envelope.message_id,
         };
+        let metrics = self.broker.metrics();
+        let queue = self.queue.suffix;
         match self.handler.apply_alone(&self.db, record, &incoming).await {
             Ok(Some(applied)) => {
+                metrics.consumer_one_statement(queue, "applied");
                 self.handler.committed(applied);
                 return Ok(Handled::Applied);
             }
-            Ok(None) => {}
+            Ok(None) => metrics.consumer_one_statement(queue, "not_applicable"),
             Err(error) if crate::db::is_unavailable(&error) => return Err(error.into()),
             // A copy applied meanwhile, say: the transaction tells what it was.
             Err(error) => {
+                metrics.consumer_one_statement(queue, "failed");
                 tracing::debug!(%error, "the one-statement path failed; applying in a transaction");
             }
         }
@@ -735,13 +756,15 @@ impl<H: Handler> Consumer<H> {
         Ok(handled)
     }
 
-    /// The message's inbox record and, the first time, its effect, inside `txn`.
+    /// The rows the message contends for, its inbox record and, the first time, its effect,
+    /// inside `txn`.
     async fn apply_in(
         &self,
         txn: &DatabaseTransaction,
         envelope: &Envelope,
         message: &H::Message,
     ) -> Result<(Handled, Option<H::Applied>), HandleError> {
+        self.handler.lock(txn, &[message]).await?;
         let first =
             inbox::record_first_delivery(txn, self.schema, self.queue.suffix, envelope.message_id)
                 .await?;

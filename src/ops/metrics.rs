@@ -53,6 +53,7 @@ pub struct Metrics {
     published: Family<SchemaLabel, Counter>,
     consumed: Family<ConsumedLabels, Counter>,
     batches: Family<ConsumedLabels, Counter>,
+    one_statement: Family<ConsumedLabels, Counter>,
     batched: Family<QueueLabel, Counter>,
     saga_duration: Histogram,
     outbox_backlog: Family<SchemaLabel, Gauge>,
@@ -88,6 +89,12 @@ impl Default for Metrics {
             "consumer_batches",
             "Attempts at applying a batch of deliveries in one transaction, by queue and outcome (committed; retried: rolled back for a poison message and tried again without it; split: failed otherwise, its deliveries applied one by one)",
             batches.clone(),
+        );
+        let one_statement = Family::<ConsumedLabels, Counter>::default();
+        registry.register(
+            "consumer_one_statement",
+            "Deliveries tried alone in one statement, by queue and outcome (applied; not_applicable: not the common case, nothing written; failed: the statement failed, a copy applied meanwhile say); all but applied go on in a transaction",
+            one_statement.clone(),
         );
         let batched = Family::<QueueLabel, Counter>::default();
         registry.register(
@@ -167,6 +174,7 @@ impl Default for Metrics {
             published,
             consumed,
             batches,
+            one_statement,
             batched,
             saga_duration,
             outbox_backlog,
@@ -210,6 +218,15 @@ impl Metrics {
             };
             self.batched.get_or_create(&queue).inc_by(size as u64);
         }
+    }
+
+    /// A delivery of `queue` tried in one statement: `applied`, `not_applicable` or `failed`.
+    pub fn consumer_one_statement(&self, queue: &str, outcome: &str) {
+        let labels = ConsumedLabels {
+            queue: queue.to_owned(),
+            outcome: outcome.to_owned(),
+        };
+        self.one_statement.get_or_create(&labels).inc();
     }
 
     pub fn relay_published(&self, from_schema: &str, seconds: f64) {

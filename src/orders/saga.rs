@@ -192,6 +192,12 @@ impl Handler for SagaHandler {
         }
     }
 
+    /// The messages' orders.
+    async fn lock(&self, txn: &DatabaseTransaction, messages: &[&Answer]) -> Result<(), DbErr> {
+        let ids: Vec<OrderId> = messages.iter().map(|answer| answer.order_id).collect();
+        store::lock_orders(txn, &ids).await
+    }
+
     /// An answer locks its order's row.
     fn lock_key(&self, message: &Answer) -> String {
         message.order_id.to_string()

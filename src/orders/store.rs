@@ -255,6 +255,19 @@ pub async fn settle_alone(
         .transpose()
 }
 
+/// Locks the orders among `ids` that exist, in the order of their ids (inside a transaction,
+/// until it ends): a consumer's transaction takes them before anything else, as an answer
+/// applied in one statement does ([`settle_alone`]), so the two never wait in a cycle.
+pub async fn lock_orders(conn: &impl ConnectionTrait, ids: &[OrderId]) -> Result<(), DbErr> {
+    let ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+    conn.query_all_raw(statement(
+        "SELECT id FROM orders.orders WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        [ids.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
 /// Runs an UPDATE ... RETURNING the order's columns; the order if a row matched.
 async fn update_returning<I: IntoIterator<Item = Value>>(
     conn: &impl ConnectionTrait,

@@ -97,6 +97,22 @@ impl Handler for PaymentRequestHandler {
         self.relay_wake.notify_one();
     }
 
+    /// The accounts of the messages' users.
+    async fn lock(
+        &self,
+        txn: &DatabaseTransaction,
+        messages: &[&Request],
+    ) -> Result<(), sea_orm::DbErr> {
+        let users: Vec<&str> = messages
+            .iter()
+            .map(|message| match message {
+                Request::Debit(request) => request.user_id.as_str(),
+                Request::Refund(request) => request.user_id.as_str(),
+            })
+            .collect();
+        store::lock_accounts(txn, &users).await
+    }
+
     /// A debit or refund locks its user's account row.
     fn lock_key(&self, message: &Request) -> String {
         match message {

@@ -234,6 +234,19 @@ pub async fn debit_alone(
     Ok(debited == 1)
 }
 
+/// Locks the accounts of `users` that exist, in the order of their ids (inside a transaction,
+/// until it ends): a consumer's transaction takes them before anything else, as a debit in one
+/// statement does ([`debit_alone`]), so the two never wait for each other in a cycle.
+pub async fn lock_accounts(conn: &impl ConnectionTrait, users: &[&str]) -> Result<(), DbErr> {
+    let users: Vec<String> = users.iter().map(|user| (*user).to_owned()).collect();
+    conn.query_all_raw(statement(
+        "SELECT user_id FROM payments.accounts WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
+        [users.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
 /// An order's amount, charged to (or given back to) a user.
 #[derive(Debug, Clone, Copy)]
 pub struct OrderCharge<'a> {
