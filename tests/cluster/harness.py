@@ -226,6 +226,8 @@ def app_env(role):
         "GOZON_MESSAGE_KEY": SECRETS["GOZON_MESSAGE_KEY"], "GOZON_SKIP_MIGRATIONS": "true",
         "GOZON_AUTH": "none", "GOZON_TRUSTED_PROXIES": SUBNET, "RUST_LOG": "info,sqlx=warn,lapin=warn",
         "GOZON_LOG_FORMAT": "json",
+        # CLUSTER_APP_ENV="GOZON_X=1 GOZON_Y=2" tries the apps with other settings.
+        **dict(pair.split("=", 1) for pair in os.environ.get("CLUSTER_APP_ENV", "").split()),
     }
 
 
