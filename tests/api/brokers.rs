@@ -29,8 +29,8 @@ async fn an_instance_reaches_a_live_node_when_the_first_it_names_is_down() {
     let nodes = ready["broker"].as_object().expect("the node of each task");
     assert_eq!(
         nodes.len(),
-        10,
-        "two relays, and two consumers of two lanes, each lane over two links: {ready}"
+        6,
+        "two relays, and two consumers of two lanes, each lane over one link: {ready}"
     );
     assert!(
         nodes.values().all(|node| node == "127.0.0.1:5672"),
