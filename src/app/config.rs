@@ -701,6 +701,7 @@ mod tests {
         };
         for (flag, good, bad) in [
             ("--consumer-links", ["0", "2", "8"], ["9", "-1", "two"]),
+            ("--consumer-batch", ["1", "16", "256"], ["0", "257", "many"]),
             (
                 "--amqp-confirm-patience-ms",
                 ["100", "1000", "60000"],

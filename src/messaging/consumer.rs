@@ -748,7 +748,7 @@ impl<H: Handler> Consumer<H> {
         }
         let txn = self.db.begin().await?;
         // On error the transaction is dropped: the inbox record rolls back with the effect.
-        let (handled, applied) = self.apply_in(&txn, envelope, message).await?;
+        let (handled, applied) = self.apply_in(&txn, incoming).await?;
         txn.commit().await?;
         if let Some(applied) = applied {
             self.handler.committed(applied);
@@ -761,22 +761,16 @@ impl<H: Handler> Consumer<H> {
     async fn apply_in(
         &self,
         txn: &DatabaseTransaction,
-        envelope: &Envelope,
-        message: &H::Message,
+        incoming: Incoming<H::Message>,
     ) -> Result<(Handled, Option<H::Applied>), HandleError> {
-        self.handler.lock(txn, &[message]).await?;
+        self.handler.lock(txn, &[&incoming.message]).await?;
         let first =
-            inbox::record_first_delivery(txn, self.schema, self.queue.suffix, envelope.message_id)
+            inbox::record_first_delivery(txn, self.schema, self.queue.suffix, incoming.message_id)
                 .await?;
         if !first {
             tracing::info!("duplicate message ignored");
             return Ok((Handled::Duplicate, None));
         }
-        let incoming = Incoming {
-            message: message.clone(),
-            message_id: envelope.message_id,
-            correlation_id: envelope.correlation_id.clone(),
-        };
         let applied = self.handler.apply(txn, incoming).await?;
         Ok((Handled::Applied, Some(applied)))
     }

@@ -95,7 +95,16 @@ pub async fn place_order(
     ];
     values.extend(request.values());
     values.extend([channel.into(), notice.into()]);
-    OrderRow::find_by_statement(statement(&sql, values))
+    one_order(conn, &sql, values).await
+}
+
+/// Runs a statement that answers at most one order's columns; the order if it did.
+async fn one_order(
+    conn: &impl ConnectionTrait,
+    sql: &str,
+    values: Vec<Value>,
+) -> Result<Option<Order>, DbErr> {
+    OrderRow::find_by_statement(statement(sql, values))
         .one(conn)
         .await?
         .map(OrderRow::into_order)
@@ -248,11 +257,7 @@ pub async fn settle_alone(
     ];
     values.extend(inbox.values());
     values.extend([channel.into(), notice.into()]);
-    OrderRow::find_by_statement(statement(&sql, values))
-        .one(conn)
-        .await?
-        .map(OrderRow::into_order)
-        .transpose()
+    one_order(conn, &sql, values).await
 }
 
 /// Locks the orders among `ids` that exist, in the order of their ids (inside a transaction,

@@ -14,7 +14,7 @@ use gozon::orders::domain::{OrderId, OrderStatus};
 use gozon::orders::{events, store as orders_store};
 use gozon::payments::handler::{PaymentRequestHandler, Request};
 use gozon::payments::store::{self as payments_store, OrderCharge};
-use sea_orm::{Database, DbErr, SqlErr, TransactionTrait};
+use sea_orm::{Database, DatabaseConnection, DbErr, SqlErr, TransactionTrait};
 
 use crate::helpers::{TestEnv, scalar_i64};
 
@@ -64,20 +64,7 @@ async fn racing_one_statement_debits_of_one_order_debit_it_once() {
             user: &user,
             amount,
         };
-        let (a, b) = tokio::join!(
-            payments_store::debit_alone(
-                &first,
-                &charge,
-                record("payments", consumer, ids.0),
-                answer(order_id, &user, amount)
-            ),
-            payments_store::debit_alone(
-                &second,
-                &charge,
-                record("payments", consumer, ids.1),
-                answer(order_id, &user, amount)
-            ),
-        );
+        let (a, b) = debit_twice((&first, &second), &charge, ids).await;
         // One applied; the other found the order claimed (false) or failed on the claim or
         // inbox key (an error): either way it wrote nothing.
         let applied = [&a, &b].iter().filter(|r| matches!(r, Ok(true))).count();
@@ -183,6 +170,25 @@ async fn racing_one_statement_answers_for_one_order_settle_it_once() {
     );
 }
 
+/// Two copies of one debit request, under the message ids `ids`, applied alone at once over
+/// two pools.
+async fn debit_twice(
+    pools: (&DatabaseConnection, &DatabaseConnection),
+    charge: &OrderCharge<'_>,
+    ids: (uuid::Uuid, uuid::Uuid),
+) -> (Result<bool, DbErr>, Result<bool, DbErr>) {
+    let consumer = "payments.payment-requests";
+    let copy = |pool, id| {
+        payments_store::debit_alone(
+            pool,
+            charge,
+            record("payments", consumer, id),
+            answer(charge.order_id, charge.user, charge.amount),
+        )
+    };
+    tokio::join!(copy(pools.0, ids.0), copy(pools.1, ids.1))
+}
+
 /// A copy that lost a race wrote nothing: it found the order claimed, or its claim or inbox
 /// record met the winner's key. Anything else (a deadlock above all) is a failure.
 fn lost_cleanly(result: &Result<bool, DbErr>) -> bool {
@@ -204,7 +210,6 @@ async fn copies_queued_on_a_locked_account_debit_once() {
     );
     let user = UserId::parse("kim").unwrap();
     let amount = Money::parse_amount("10.00").unwrap();
-    let consumer = "payments.payment-requests";
     for same_id in [true, false] {
         let order_id = uuid::Uuid::now_v7();
         let ids = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
@@ -220,22 +225,7 @@ async fn copies_queued_on_a_locked_account_debit_once() {
             user: &user,
             amount,
         };
-        let copies = async {
-            tokio::join!(
-                payments_store::debit_alone(
-                    &first,
-                    &charge,
-                    record("payments", consumer, ids.0),
-                    answer(order_id, &user, amount)
-                ),
-                payments_store::debit_alone(
-                    &second,
-                    &charge,
-                    record("payments", consumer, ids.1),
-                    answer(order_id, &user, amount)
-                ),
-            )
-        };
+        let copies = debit_twice((&first, &second), &charge, ids);
         let release = async {
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             holder.commit().await.unwrap();
