@@ -142,8 +142,7 @@ pub struct Settings {
     pub consumer_batch: u16,
 
     /// Connections each consumer reads each lane of its queue over, each to another broker node,
-    /// from the node that leads the lane (0: one when there are several lanes; else two when
-    /// AMQP_URL names several nodes, else one). The concurrency and prefetch are shared among
+    /// from the node that leads the lane (0: two when AMQP_URL names several nodes, else one). The concurrency and prefetch are shared among
     /// them. While one node is lost or silent the others keep consuming, and the broker
     /// hands what it had sent the lost link to the rest once it notices.
     #[arg(long, env = "GOZON_CONSUMER_LINKS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=8))]
@@ -594,8 +593,9 @@ impl Settings {
     pub fn consumer(&self) -> ConsumerSettings {
         let nodes = broker_nodes(&self.amqp_url, self.amqp_heartbeat_secs).map_or(1, |n| n.len());
         let links = match self.consumer_links {
-            // Each lane read where it is led: its own node is its other lane's spare.
-            0 if self.queue_lanes(nodes) > 1 => 1,
+            // Each lane read where it is led and from the next node: a lane whose node is cut
+            // off is still read once its new leader is elected (a relay that moved to it then
+            // must not wait for its link's heartbeat).
             0 if nodes > 1 => 2,
             0 => 1,
             links => links,

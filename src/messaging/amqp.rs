@@ -505,31 +505,60 @@ impl Broker {
     /// channel is used. Also says which node it reached.
     pub async fn open_channel(&self, name: &str, purpose: Purpose) -> Result<Opened, AmqpError> {
         let opened = self.open_bare_channel(name).await?;
-        let channel = match purpose {
+        self.ready_for(opened, purpose).await
+    }
+
+    /// The node a consumer link belongs on ([`Broker::for_lane`]), when it is away from it:
+    /// `node` is the one it reached.
+    pub fn away_from_home(&self, node: &str) -> Option<usize> {
+        let home = self.home?;
+        let nodes = &self.settings.nodes;
+        (nodes.len() > 1 && nodes.get(home).is_some_and(|n| n.label != node)).then_some(home)
+    }
+
+    /// Like [`Broker::open_channel`], at node `index` only, within the connect timeout.
+    pub async fn open_channel_at(
+        &self,
+        name: &str,
+        index: usize,
+        purpose: Purpose,
+    ) -> Result<Opened, AmqpError> {
+        let limit = self.settings.connect_timeout.min(self.settings.io_timeout);
+        let opened = self.open_on(name, index, limit).await.1?;
+        self.ready_for(opened, purpose).await
+    }
+
+    /// Makes an opened channel ready for `purpose`; on failure its connection is closed (in the
+    /// background).
+    async fn ready_for(&self, opened: Opened, purpose: Purpose) -> Result<Opened, AmqpError> {
+        let Opened {
+            connection,
+            channel,
+            node,
+        } = opened;
+        let ready = match purpose {
             Purpose::Consume { lane } => {
-                let Opened {
-                    connection,
-                    channel,
-                    node,
-                } = opened;
-                let channel = self
-                    .declare_topology(&connection, channel, &node, lane)
-                    .await?;
-                return Ok(Opened {
-                    connection,
-                    channel,
-                    node,
-                });
+                self.declare_topology(&connection, channel, &node, lane)
+                    .await
             }
             Purpose::Publish => {
-                let confirming = opened
-                    .channel
-                    .confirm_select(ConfirmSelectOptions::default());
-                self.timed(confirming).await?;
-                opened.channel
+                let confirming = self
+                    .timed(channel.confirm_select(ConfirmSelectOptions::default()))
+                    .await;
+                confirming.map(|()| channel)
             }
         };
-        Ok(Opened { channel, ..opened })
+        match ready {
+            Ok(channel) => Ok(Opened {
+                connection,
+                channel,
+                node,
+            }),
+            Err(error) => {
+                self.close_in_background(connection, "channel not ready");
+                Err(error)
+            }
+        }
     }
 
     /// Closes `connection` in the background: one that is already dead (its node lost) would

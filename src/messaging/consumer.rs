@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::OptionFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -164,6 +165,16 @@ pub struct ConsumerSettings {
     pub hold: Duration,
 }
 
+/// How often a consumer link away from its home node looks whether that answers again.
+const HOME_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// How a consumer link's consuming ended, other than by losing the broker or the database.
+enum Ended {
+    Shutdown,
+    /// Its home node answers again: the link goes on over this channel to it, ready.
+    Home(Box<Opened>),
+}
+
 /// What the consumer stream handed over: a delivery, or why there is none.
 fn received(next: Option<Result<Delivery, lapin::Error>>) -> Result<Delivery, AmqpError> {
     match next {
@@ -204,7 +215,8 @@ pub struct Consumer<H> {
 }
 
 impl<H: Handler> Consumer<H> {
-    /// Consumes until `shutdown`, reconnecting with backoff whenever the broker goes away.
+    /// Consumes until `shutdown`, reconnecting with backoff whenever the broker goes away, and
+    /// moving back to its home node once that answers again after a failover moved it.
     pub async fn run(self, shutdown: CancellationToken) {
         let queue_name = self.broker.lane_name(&self.queue, self.lane);
         let task = link_name(
@@ -212,18 +224,21 @@ impl<H: Handler> Consumer<H> {
             (self.lane, self.broker.lanes()),
             (self.link, self.settings.links),
         );
-        while let Some(Opened {
-            connection,
-            channel,
-            node,
-        }) = connect_until_ready(
-            &self.broker,
-            &task,
-            Purpose::Consume { lane: self.lane },
-            &shutdown,
-        )
-        .await
-        {
+        let purpose = Purpose::Consume { lane: self.lane };
+        let mut going_home = None;
+        loop {
+            let opened = match going_home.take() {
+                Some(opened) => Some(opened),
+                None => connect_until_ready(&self.broker, &task, purpose, &shutdown).await,
+            };
+            let Some(Opened {
+                connection,
+                channel,
+                node,
+            }) = opened
+            else {
+                break;
+            };
             // One link measures the queue (every lane) for all of them.
             let measuring = if self.link == 0 && self.lane == 0 {
                 self.measure_queue(&connection).await
@@ -243,11 +258,28 @@ impl<H: Handler> Consumer<H> {
             if let Some(measuring) = measuring {
                 measuring.abort();
             }
-            let reason = if result.is_ok() {
-                "shutting down"
-            } else {
-                "reconnecting"
-            };
+            match result {
+                Ok(Ended::Shutdown) => {
+                    let reason = "shutting down";
+                    let _ = self.broker.timed(channel.close(200, reason.into())).await;
+                    let _ = self
+                        .broker
+                        .timed(connection.close(200, reason.into()))
+                        .await;
+                    break;
+                }
+                Ok(Ended::Home(home)) => {
+                    // What the old channel still held unacked goes back to the queue as it
+                    // closes; the new link is consuming before the old one is gone.
+                    tracing::info!(task = %task, from = %node, to = %home.node, "consumer link back on its home node");
+                    drop(channel);
+                    self.broker
+                        .close_in_background(connection, "consumer going home");
+                    going_home = Some(*home);
+                    continue;
+                }
+                Err(_) => {}
+            }
             let database_down = matches!(result, Err(AmqpError::DatabaseUnavailable));
             if let Err(error) = &result
                 && !database_down
@@ -256,14 +288,6 @@ impl<H: Handler> Consumer<H> {
             }
             // Unacked deliveries go back to the queue when the channel closes. A lost
             // connection is closed in the background, so the consumer reconnects at once.
-            if result.is_ok() {
-                let _ = self.broker.timed(channel.close(200, reason.into())).await;
-                let _ = self
-                    .broker
-                    .timed(connection.close(200, reason.into()))
-                    .await;
-                break;
-            }
             drop(channel);
             self.broker
                 .close_in_background(connection, "consumer reconnecting");
@@ -348,7 +372,7 @@ impl<H: Handler> Consumer<H> {
         (queue_name, retired): (&str, &[String]),
         task: &str,
         shutdown: &CancellationToken,
-    ) -> Result<(), AmqpError> {
+    ) -> Result<Ended, AmqpError> {
         let broker = &self.broker;
         broker
             .timed(channel.basic_qos(self.settings.prefetch, BasicQosOptions::default()))
@@ -367,6 +391,16 @@ impl<H: Handler> Consumer<H> {
         }
         let mut deliveries = futures_util::stream::select_all(streams);
         broker.links().up(task, node, connection);
+        // A link a failover moved off its home node looks every [`HOME_CHECK_EVERY`] whether
+        // the home node answers, and once it does moves back there: else links pile up, fault
+        // after fault, on the nodes that stayed, and one node lost takes every link of a lane.
+        let home = broker.away_from_home(node);
+        let mut home_checks = tokio::time::interval_at(
+            tokio::time::Instant::now() + HOME_CHECK_EVERY,
+            HOME_CHECK_EVERY,
+        );
+        home_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reaching_home = None;
         // Up to `concurrency` batches are handled at once, each in its own transaction and its
         // deliveries acked after its commit; a batch is the first delivery and those already
         // received behind it. The inbox and the per-order keys keep any interleaving safe.
@@ -391,12 +425,36 @@ impl<H: Handler> Consumer<H> {
                     }
                     in_flight.push(self.process_batch(batch, queue_name, &requeue_delays, shutdown));
                 }
+                _ = home_checks.tick(), if reaching_home.is_none() => {
+                    if let Some(index) = home {
+                        let purpose = Purpose::Consume { lane: self.lane };
+                        reaching_home = Some(Box::pin(broker.open_channel_at(task, index, purpose)));
+                    }
+                }
+                Some(reached) = OptionFuture::from(reaching_home.as_mut()) => {
+                    reaching_home = None;
+                    match reached {
+                        Ok(opened) => {
+                            // Finish what is in hand here, then take deliveries there.
+                            while let Some(done) = in_flight.next().await {
+                                if let Err(error) = done {
+                                    broker.close_in_background(opened.connection, "consumer lost the broker");
+                                    return Err(error);
+                                }
+                            }
+                            return Ok(Ended::Home(Box::new(opened)));
+                        }
+                        Err(error) => {
+                            tracing::debug!(task, %error, "the home node does not answer yet");
+                        }
+                    }
+                }
                 _ = shutdown.cancelled() => {
                     // Let what is in hand finish (a held message gives up on shutdown).
                     while let Some(done) = in_flight.next().await {
                         done?;
                     }
-                    return Ok(());
+                    return Ok(Ended::Shutdown);
                 }
             }
         }

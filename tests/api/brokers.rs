@@ -29,8 +29,8 @@ async fn an_instance_reaches_a_live_node_when_the_first_it_names_is_down() {
     let nodes = ready["broker"].as_object().expect("the node of each task");
     assert_eq!(
         nodes.len(),
-        6,
-        "two relays, and two consumers of two lanes, each lane over one link: {ready}"
+        10,
+        "two relays, and two consumers of two lanes, each lane over two links: {ready}"
     );
     assert!(
         nodes.values().all(|node| node == "127.0.0.1:5672"),
@@ -577,4 +577,156 @@ async fn a_lane_a_deployment_no_longer_has_is_unbound_and_read_empty() {
     }
     assert!(!routed(&exchange, "lane-2.payment.requested.v1").await);
     assert!(routed(&exchange, "payment.requested.v1").await);
+}
+
+/// A broker node as its clients see it, forwarding to the real broker, that can be stopped
+/// (every connection through it closed, new ones refused) and started again on the same port.
+struct StoppableNode {
+    port: u16,
+    up: watch::Sender<bool>,
+}
+
+impl StoppableNode {
+    async fn start() -> StoppableNode {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (up, mut up_watch) = watch::channel(true);
+        tokio::spawn(async move {
+            loop {
+                if !until(&mut up_watch, true).await {
+                    return;
+                }
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.set_reuseaddr(true).unwrap();
+                socket.bind(([127, 0, 0, 1], port).into()).unwrap();
+                let listener = socket.listen(64).unwrap();
+                loop {
+                    tokio::select! {
+                        accepted = listener.accept() => {
+                            let Ok((client, _)) = accepted else { continue };
+                            let Ok(broker) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                                continue;
+                            };
+                            let mut stopped = up_watch.clone();
+                            tokio::spawn(async move {
+                                let (mut client, mut broker) = (client, broker);
+                                tokio::select! {
+                                    _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
+                                    _ = until(&mut stopped, false) => {}
+                                }
+                            });
+                        }
+                        _ = until(&mut up_watch, false) => break,
+                    }
+                }
+            }
+        });
+        StoppableNode { port, up }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn label(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+/// Waits until `watch` says `state` (false: its sender is gone).
+async fn until(watch: &mut watch::Receiver<bool>, state: bool) -> bool {
+    watch.wait_for(|now| *now == state).await.is_ok()
+}
+
+/// The node each consumer link is on, by task name.
+fn consumer_nodes(ready: &serde_json::Value) -> Vec<(String, String)> {
+    ready["broker"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(task, _)| task.starts_with("consumer"))
+        .map(|(task, node)| (task.clone(), node.as_str().unwrap_or("down").to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_consumer_link_a_failover_moved_goes_back_to_its_node_once_it_answers() {
+    let env = TestEnv::new();
+    let (first, second) = (StoppableNode::start().await, StoppableNode::start().await);
+    let mut settings = env.settings();
+    settings.amqp_url = format!("{},{}", first.url(), second.url());
+    // One lane over two links, each starting at its own node.
+    settings.amqp_queue_lanes = 1;
+    settings.consumer_links = 2;
+    // Each link on its own node however slowly the first one answers on busy cores.
+    settings.amqp_connect_stagger_ms = 5_000;
+    let app = env.spawn_with(&settings, Role::All).await;
+    app.wait_until_ready().await;
+    app.funded_account("home", "100").await;
+    let ready = all_links_up(&app).await;
+    let homes = consumer_nodes(&ready);
+    assert_eq!(homes.len(), 4, "two queues, two links each: {ready}");
+    let on_first = |links: &[(String, String)]| {
+        links
+            .iter()
+            .filter(|(_, node)| *node == first.label())
+            .count()
+    };
+    assert_eq!(
+        on_first(&homes),
+        2,
+        "one link of each queue per node: {ready}"
+    );
+
+    // The first node stops: its links reconnect to the second.
+    first.set_up(false);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let links = consumer_nodes(&app.get("/health/ready", &[]).await.body);
+        if links.iter().all(|(_, node)| *node == second.label()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "links not all moved: {links:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Orders placed while it comes back, and while the links move home.
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(app.create_order("home", "1").await.str("id").to_owned());
+    }
+    first.set_up(true);
+    let moved_back = Instant::now();
+    let deadline = moved_back + Duration::from_secs(15);
+    loop {
+        if ids.len() < 40 {
+            ids.push(app.create_order("home", "1").await.str("id").to_owned());
+        }
+        let links = consumer_nodes(&app.get("/health/ready", &[]).await.body);
+        if links == homes {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "links not back on their nodes: {links:?}, they started on {homes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in &ids {
+        let order = app.wait_until_final(id, Duration::from_secs(20)).await;
+        assert_eq!(order.str("status"), "FINISHED", "{}", order.body);
+    }
+    let balance = 100 - ids.len();
+    assert_eq!(
+        app.balance("home").await.str("balance"),
+        format!("{balance}.00"),
+        "each of {} orders debited once",
+        ids.len()
+    );
 }

@@ -555,7 +555,12 @@ def fault_a():
 
 
 def fault_b():
-    node = random.choice(NODES)
+    # CLUSTER_KILL=leader kills the node leading most of the app's queues.
+    if os.environ.get("CLUSTER_KILL") == "leader":
+        leaders = queue_leaders()
+        node = max(NODES, key=leaders.count)
+    else:
+        node = random.choice(NODES)
     log(f"(b) killing {node} for 60 s")
     podman("kill", node)
     time.sleep(60)
