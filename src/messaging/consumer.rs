@@ -391,6 +391,7 @@ impl<H: Handler> Consumer<H> {
         }
         let mut deliveries = futures_util::stream::select_all(streams);
         broker.links().up(task, node, connection);
+        tracing::debug!(task, node, "consuming");
         // A link a failover moved off its home node looks every [`HOME_CHECK_EVERY`] whether
         // the home node answers, and once it does moves back there: else links pile up, fault
         // after fault, on the nodes that stayed, and one node lost takes every link of a lane.
@@ -423,6 +424,13 @@ impl<H: Handler> Consumer<H> {
                             None => break,
                         }
                     }
+                    tracing::debug!(
+                        task,
+                        node,
+                        deliveries = batch.len(),
+                        redelivered = batch.iter().filter(|d| d.redelivered).count(),
+                        "deliveries received"
+                    );
                     in_flight.push(self.process_batch(batch, queue_name, &requeue_delays, shutdown));
                 }
                 _ = home_checks.tick(), if reaching_home.is_none() => {

@@ -173,6 +173,8 @@ def start_rabbitmq(node):
            "-e", f"GOZON_PAYMENTS_AMQP_PASSWORD={SECRETS['GOZON_PAYMENTS_AMQP_PASSWORD']}",
            "-v", f"{ROOT}/deploy/rabbitmq/with-users.sh:/gozon/with-users.sh:ro",
            "-v", f"{conf}:/etc/rabbitmq/conf.d/30-cluster.conf:ro",
+           "-e", "RABBITMQ_ADVANCED_CONFIG_FILE=/etc/rabbitmq/advanced.config",
+           "-v", f"{os.path.join(WORK, 'rabbitmq-advanced.config')}:/etc/rabbitmq/advanced.config:ro",
            "--entrypoint", '["/gozon/with-users.sh"]', "rabbitmq:3.13-management", "rabbitmq-server")
 
 
@@ -288,6 +290,12 @@ def up():
         # Nodes notice a lost peer within ~4 s (Erlang's default, 60 s, outlasts the faults, and holds
         # the deliveries a consumer on the lost node had been sent).
         f.write(f"net_ticktime = {os.environ.get('CLUSTER_NET_TICKTIME', '4')}\n")
+    with open(os.path.join(WORK, "rabbitmq-advanced.config"), "w") as f:
+        # A new quorum queue leader monitors the consumers of the old one, and a monitor of a
+        # process on a node it is not connected to first connects to it: to a node that is gone
+        # (killed, partitioned away) that waits the whole connection set-up time, while the
+        # messages that node's consumers had been sent wait with it (7 s, Erlang's default).
+        f.write(f"[{{kernel, [{{net_setuptime, {os.environ.get('CLUSTER_NET_SETUPTIME', '2')}}}]}}].\n")
     for node in NODES:
         start_rabbitmq(node)
     start_postgres()
