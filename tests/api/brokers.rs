@@ -74,6 +74,27 @@ async fn a_silent_node_costs_a_stagger_not_a_connect_timeout() {
     drop(silent);
 }
 
+/// Readiness, once every consumer's two links are connected, to two different nodes (within 20 s).
+async fn links_apart(app: &crate::helpers::TestApp) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = all_links_up(app).await;
+        let mut nodes: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (task, node) in consumer_nodes(&ready) {
+            let work = task.split(" (link").next().unwrap_or_default().to_owned();
+            nodes.entry(work).or_default().push(node);
+        }
+        if nodes
+            .values()
+            .all(|links| links.len() == 2 && links[0] != links[1])
+        {
+            return ready;
+        }
+        assert!(Instant::now() < deadline, "links not apart: {ready}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Readiness, once every link it lists is connected (within 10 s).
 async fn all_links_up(app: &crate::helpers::TestApp) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -252,7 +273,9 @@ async fn a_consumer_keeps_consuming_over_its_other_link_while_one_node_is_silent
     let app = env.spawn_with(&settings, Role::All).await;
     app.wait_until_ready().await;
     app.funded_account("silent", "100").await;
-    let ready = all_links_up(&app).await;
+    // Each link on its own node: where a slow first answer (a 1 s timeout on busy cores) put
+    // one on the other, it goes back within a home check (5 s).
+    let ready = links_apart(&app).await;
     let link = |queue: &str, n: usize| {
         ready["broker"]
             .as_object()
@@ -670,7 +693,7 @@ async fn a_consumer_link_a_failover_moved_goes_back_to_its_node_once_it_answers(
     let app = env.spawn_with(&settings, Role::All).await;
     app.wait_until_ready().await;
     app.funded_account("home", "100").await;
-    let ready = all_links_up(&app).await;
+    let ready = links_apart(&app).await;
     let homes = consumer_nodes(&ready);
     assert_eq!(homes.len(), 4, "two queues, two links each: {ready}");
     let on_first = |links: &[(String, String)]| {
