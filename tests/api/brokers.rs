@@ -670,10 +670,11 @@ async fn until(watch: &mut watch::Receiver<bool>, state: bool) -> bool {
 
 /// The node each consumer link is on, by task name.
 fn consumer_nodes(ready: &serde_json::Value) -> Vec<(String, String)> {
+    // No "broker" while readiness answers otherwise (as it may while a node stops): none.
     ready["broker"]
         .as_object()
-        .unwrap()
-        .iter()
+        .into_iter()
+        .flatten()
         .filter(|(task, _)| task.starts_with("consumer"))
         .map(|(task, node)| (task.clone(), node.as_str().unwrap_or("down").to_owned()))
         .collect()
@@ -713,7 +714,7 @@ async fn a_consumer_link_a_failover_moved_goes_back_to_its_node_once_it_answers(
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let links = consumer_nodes(&app.get("/health/ready", &[]).await.body);
-        if links.iter().all(|(_, node)| *node == second.label()) {
+        if links.len() == 4 && links.iter().all(|(_, node)| *node == second.label()) {
             break;
         }
         assert!(Instant::now() < deadline, "links not all moved: {links:?}");
