@@ -377,6 +377,14 @@ impl<H: Handler> Consumer<H> {
         broker
             .timed(channel.basic_qos(self.settings.prefetch, BasicQosOptions::default()))
             .await?;
+        // With lanes, a lane's first link (on the node that leads it) goes before its spare (on
+        // the next node): the leader hands the spare only what the first links have no room
+        // for, so the spare's node cut off holds nothing back, while the spare still reads the
+        // lane whenever the first links are gone.
+        let mut arguments = FieldTable::default();
+        if broker.lanes() > 1 && self.link == 0 {
+            arguments.insert("x-priority".into(), AMQPValue::LongInt(1));
+        }
         let mut streams = Vec::new();
         for name in std::iter::once(queue_name).chain(retired.iter().map(String::as_str)) {
             let consumer = broker
@@ -384,7 +392,7 @@ impl<H: Handler> Consumer<H> {
                     name.into(),
                     "".into(),
                     BasicConsumeOptions::default(),
-                    FieldTable::default(),
+                    arguments.clone(),
                 ))
                 .await?;
             streams.push(consumer);

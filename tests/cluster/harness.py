@@ -7,6 +7,7 @@ streaming standby under synchronous commit (the name `db` follows the primary), 
 orders with Idempotency-Keys through the gateway, one fault at a time:
   (a) stop the node that leads the app's queues for 30 s   (b) kill a node for 60 s
   (c) partition one node from the others and the apps, 30 s (d) kill an orders and a payments instance
+  ((b) and (c) take the node leading most of the queues; CLUSTER_KILL / CLUSTER_PARTITION=random: any)
   (e) rolling restart of every app instance                 (g) partition an app instance from the database, 30 s
   (f) kill the primary and promote the standby
 After each: every order placed is final, none lost or doubled, balances exact, `gozon audit`
@@ -562,13 +563,21 @@ def fault_a():
     return heal, lambda: rejoin(node)
 
 
-def fault_b():
-    # CLUSTER_KILL=leader kills the node leading most of the app's queues.
-    if os.environ.get("CLUSTER_KILL") == "leader":
-        leaders = queue_leaders()
-        node = max(NODES, key=leaders.count)
-    else:
+def faulted_node(choice):
+    """The node leading most of the app's queues (the hardest case), or with `random`, any;
+    noted with what it leads."""
+    leaders = queue_leader_map()
+    if choice == "random":
         node = random.choice(NODES)
+    else:
+        node = max(NODES, key=list(leaders.values()).count)
+    led = sorted(q.removeprefix("gozon.") for q, n in leaders.items() if n == node)
+    NOTES.append(f"{node}, leading {', '.join(led) or 'none of the queues'}")
+    return node
+
+
+def fault_b():
+    node = faulted_node(os.environ.get("CLUSTER_KILL", "leader"))
     log(f"(b) killing {node} for 60 s")
     podman("kill", node)
     time.sleep(60)
@@ -578,13 +587,7 @@ def fault_b():
 
 
 def fault_c():
-    # CLUSTER_PARTITION=leader partitions the node leading most of the app's queues.
-    if os.environ.get("CLUSTER_PARTITION") == "leader":
-        leaders = queue_leaders()
-        node = max(NODES, key=leaders.count)
-    else:
-        node = random.choice(NODES)
-        queue_leaders()
+    node = faulted_node(os.environ.get("CLUSTER_PARTITION", "leader"))
     log(f"(c) partitioning {node} from the other nodes and the apps for 30 s")
     partition(node, True)
     time.sleep(30)
