@@ -272,6 +272,8 @@ impl<H: Handler> Consumer<H> {
                     // What the old channel still held unacked goes back to the queue as it
                     // closes; the new link is consuming before the old one is gone.
                     tracing::info!(task = %task, from = %node, to = %home.node, "consumer link back on its home node");
+                    // Up over the new link at once: readiness does not see it down between.
+                    self.broker.links().up(&task, &home.node, &home.connection);
                     drop(channel);
                     self.broker
                         .close_in_background(connection, "consumer going home");
@@ -441,7 +443,7 @@ impl<H: Handler> Consumer<H> {
                     );
                     in_flight.push(self.process_batch(batch, queue_name, &requeue_delays, shutdown));
                 }
-                _ = home_checks.tick(), if reaching_home.is_none() => {
+                _ = home_checks.tick(), if home.is_some() && reaching_home.is_none() => {
                     if let Some(index) = home {
                         let purpose = Purpose::Consume { lane: self.lane };
                         reaching_home = Some(Box::pin(broker.open_channel_at(task, index, purpose)));
@@ -458,9 +460,17 @@ impl<H: Handler> Consumer<H> {
                                     return Err(error);
                                 }
                             }
+                            if shutdown.is_cancelled() {
+                                // Shutdown came while it finished: it goes nowhere.
+                                broker.close_in_background(opened.connection, "shutting down");
+                                return Ok(Ended::Shutdown);
+                            }
                             return Ok(Ended::Home(Box::new(opened)));
                         }
                         Err(error) => {
+                            // The next look a whole interval after this one ended, however
+                            // long this one took (a node that answers nothing).
+                            home_checks.reset();
                             tracing::debug!(task, %error, "the home node does not answer yet");
                         }
                     }
