@@ -306,10 +306,12 @@ async fn a_paid_order_and_a_refused_one_go_the_one_statement_path_and_the_transa
     let env = TestEnv::new();
     let app = env.spawn(Role::All).await;
     app.funded_account("mia", "10.00").await;
-    let paid = app.create_order("mia", "4.00").await;
-    let refused = app.create_order("mia", "40.00").await;
+    // One at a time: two requests that reach the consumer together go as one batch (a CI run
+    // saw it), not alone.
     let within = std::time::Duration::from_secs(10);
+    let paid = app.create_order("mia", "4.00").await;
     let paid = app.wait_until_final(paid.str("id"), within).await;
+    let refused = app.create_order("mia", "40.00").await;
     let refused = app.wait_until_final(refused.str("id"), within).await;
     assert_eq!(paid.str("status"), "FINISHED");
     assert_eq!(refused.str("status"), "CANCELLED");
