@@ -276,15 +276,12 @@ async fn a_consumer_keeps_consuming_over_its_other_link_while_one_node_is_silent
     // Each link on its own node: where a slow first answer (a 1 s timeout on busy cores) put
     // one on the other, it goes back within a home check (5 s).
     let ready = links_apart(&app).await;
+    let links = consumer_nodes(&ready);
     let link = |queue: &str, n: usize| {
-        ready["broker"]
-            .as_object()
-            .unwrap()
+        links
             .iter()
-            .find(|(task, _)| {
-                task.starts_with("consumer ") && task.ends_with(&format!("{queue} (link {n} of 2)"))
-            })
-            .map(|(_, node)| node.as_str().unwrap_or_default().to_owned())
+            .find(|(task, _)| task.ends_with(&format!("{queue} (link {n} of 2)")))
+            .map(|(_, node)| node.clone())
             .unwrap_or_else(|| panic!("no link {n} of {queue}: {ready}"))
     };
     for queue in ["payments.payment-requests", "orders.payment-results"] {
