@@ -277,6 +277,8 @@ pub enum AmqpError {
     Timeout(Duration),
     #[error("the broker cancelled the consumer (queue deleted or channel closed)")]
     ConsumerCancelled,
+    #[error("the connection or channel is no longer open")]
+    LinkClosed,
     #[error("no queue takes messages with routing key {0}")]
     Unroutable(String),
     #[error("node {0}: {1}")]

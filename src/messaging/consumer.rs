@@ -168,6 +168,11 @@ pub struct ConsumerSettings {
 /// How often a consumer link away from its home node looks whether that answers again.
 const HOME_CHECK_EVERY: Duration = Duration::from_secs(5);
 
+/// How often a consuming link looks whether lapin still counts its connection and channel
+/// connected, besides waiting for the consumer stream to end (as the relay looks before each
+/// round): a link whose connection is gone moves on within this, whatever its stream does.
+const LINK_WATCH_EVERY: Duration = Duration::from_secs(1);
+
 /// How a consumer link's consuming ended, other than by losing the broker or the database.
 enum Ended {
     Shutdown,
@@ -412,6 +417,11 @@ impl<H: Handler> Consumer<H> {
         );
         home_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reaching_home = None;
+        let mut watch = tokio::time::interval_at(
+            tokio::time::Instant::now() + LINK_WATCH_EVERY,
+            LINK_WATCH_EVERY,
+        );
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Up to `concurrency` batches are handled at once, each in its own transaction and its
         // deliveries acked after its commit; a batch is the first delivery and those already
         // received behind it. The inbox and the per-order keys keep any interleaving safe.
@@ -442,6 +452,12 @@ impl<H: Handler> Consumer<H> {
                         "deliveries received"
                     );
                     in_flight.push(self.process_batch(batch, queue_name, &requeue_delays, shutdown));
+                }
+                _ = watch.tick() => {
+                    if !connection.status().connected() || !channel.status().connected() {
+                        tracing::warn!(task, node, "consumer's broker connection or channel is gone; reconnecting");
+                        return Err(AmqpError::LinkClosed);
+                    }
                 }
                 _ = home_checks.tick(), if home.is_some() && reaching_home.is_none() => {
                     if let Some(index) = home {
