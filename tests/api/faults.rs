@@ -79,12 +79,143 @@ async fn place_orders(
     (ids, refused)
 }
 
-/// Waits until every order is final; returns how long after `since` that happened.
-async fn wait_all_final(reader: &TestApp, ids: &[String], since: Instant) -> Duration {
+/// Waits until every order is final; returns how long after `since` that happened. An order
+/// still NEW after 90 s fails the test with where its saga stands (`diagnose`).
+async fn wait_all_final(
+    env: &TestEnv,
+    apps: &[&TestApp],
+    ids: &[String],
+    since: Instant,
+) -> Duration {
+    let reader = apps[0];
     for id in ids {
-        reader.wait_until_final(id, Duration::from_secs(90)).await;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let reply = reader.order(id).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+            if reply.str("status") != "NEW" {
+                break;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "order {id} still NEW after 90s\n{}",
+                    diagnose(env, apps, id).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     since.elapsed()
+}
+
+/// Where an order stuck in NEW stands: its messages in both outboxes and inboxes, its payment,
+/// the backlogs, the test's queues and consumers on the broker, and each app's readiness.
+async fn diagnose(env: &TestEnv, apps: &[&TestApp], id: &str) -> String {
+    use sea_orm::ConnectionTrait;
+    let db = env.db().await;
+    let mut out = String::new();
+    let queries = [
+        format!("SELECT status || ' ' || created_at::text FROM orders.orders WHERE id = '{id}'"),
+        format!(
+            "SELECT 'orders.outbox ' || message_type || ' ' || message_id || ' sent ' || \
+             coalesce(sent_at::text, 'no') FROM orders.outbox WHERE body::text LIKE '%{id}%'"
+        ),
+        format!(
+            "SELECT 'payments.order_payments ' || outcome || ' ' || updated_at::text \
+             FROM payments.order_payments WHERE order_id = '{id}'"
+        ),
+        format!(
+            "SELECT 'payments.outbox ' || message_type || ' ' || message_id || ' sent ' || \
+             coalesce(sent_at::text, 'no') FROM payments.outbox WHERE body::text LIKE '%{id}%'"
+        ),
+        format!(
+            "SELECT 'payments.inbox ' || consumer || ' ' || received_at::text FROM payments.inbox \
+             WHERE message_id IN (SELECT message_id FROM orders.outbox WHERE body::text LIKE '%{id}%')"
+        ),
+        format!(
+            "SELECT 'orders.inbox ' || consumer || ' ' || received_at::text FROM orders.inbox \
+             WHERE message_id IN (SELECT message_id FROM payments.outbox WHERE body::text LIKE '%{id}%')"
+        ),
+        "SELECT 'NEW orders ' || count(*) FROM orders.orders WHERE status = 'NEW'".to_owned(),
+        "SELECT 'unsent orders.outbox ' || count(*) FROM orders.outbox WHERE sent_at IS NULL"
+            .to_owned(),
+        "SELECT 'unsent payments.outbox ' || count(*) FROM payments.outbox WHERE sent_at IS NULL"
+            .to_owned(),
+    ];
+    for sql in queries {
+        let rows = db
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                sql.clone(),
+            ))
+            .await;
+        match rows {
+            Ok(rows) if rows.is_empty() => out.push_str(&format!("(no row) {sql}\n")),
+            Ok(rows) => {
+                for row in rows {
+                    let text: Option<String> = row.try_get_by_index(0).ok();
+                    out.push_str(&format!("{}\n", text.unwrap_or_default()));
+                }
+            }
+            Err(error) => out.push_str(&format!("{sql}: {error}\n")),
+        }
+    }
+    for what in [
+        &[
+            "list_queues",
+            "name",
+            "type",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+        ][..],
+        &[
+            "list_consumers",
+            "queue_name",
+            "channel_pid",
+            "ack_required",
+            "prefetch_count",
+            "active",
+        ],
+        &["list_connections", "name", "state", "channels"],
+        &[
+            "list_channels",
+            "connection",
+            "number",
+            "consumer_count",
+            "messages_unacknowledged",
+        ],
+    ] {
+        let listed = std::process::Command::new("rabbitmqctl")
+            .arg("-q")
+            .args(what)
+            .output();
+        out.push_str(&format!("rabbitmqctl {}:\n", what[0]));
+        if let Ok(listed) = listed {
+            for line in String::from_utf8_lossy(&listed.stdout).lines() {
+                if what[0] != "list_queues" || line.contains(&env.prefix) {
+                    out.push_str(&format!("  {line}\n"));
+                }
+            }
+        }
+    }
+    for app in apps {
+        let ready = app
+            .client
+            .get(format!("{}/health/ready", app.address))
+            .send()
+            .await;
+        let said = match ready {
+            Ok(ready) => format!(
+                "{} {}",
+                ready.status(),
+                ready.text().await.unwrap_or_default()
+            ),
+            Err(error) => error.to_string(),
+        };
+        out.push_str(&format!("{} /health/ready: {said}\n", app.address));
+    }
+    out
 }
 
 /// The same, for orders the clients may not know of (read from the database).
@@ -210,7 +341,7 @@ async fn kill_and_restart(role: &str) {
     let fault = Instant::now();
     let (ids, refused) = placing.await.unwrap();
     wait_none_new(&env, Duration::from_secs(90)).await;
-    let recovery = wait_all_final(&entry, &ids, fault).await;
+    let recovery = wait_all_final(&env, &[&entry, &payments.app], &ids, fault).await;
     assert_nothing_lost(
         &env,
         &format!("SIGKILL the {role} process, restart"),
@@ -238,7 +369,7 @@ async fn killing_the_orders_process_loses_nothing() {
 async fn two_instances_of_each_role_survive_a_killed_payments_instance() {
     let env = TestEnv::new();
     let mut payments_a = env.start_process("payments").await;
-    let _payments_b = env.start_process("payments").await;
+    let payments_b = env.start_process("payments").await;
     let orders_a = env.start_process("orders").await;
     let _orders_b = env.start_process("orders").await;
     fund_users(&payments_a.app).await;
@@ -250,7 +381,7 @@ async fn two_instances_of_each_role_survive_a_killed_payments_instance() {
     payments_a.kill();
     let fault = Instant::now();
     let (ids, refused) = placing.await.unwrap();
-    let recovery = wait_all_final(&entry, &ids, fault).await;
+    let recovery = wait_all_final(&env, &[&entry, &payments_b.app], &ids, fault).await;
     assert_nothing_lost(
         &env,
         "2+2 instances, SIGKILL one payments instance",
@@ -275,7 +406,7 @@ async fn orders_in_flight_survive(name: &str, fault: impl AsyncFnOnce(&TestEnv))
     fault(&env).await;
     let restored = Instant::now();
     let (ids, refused) = placing.await.unwrap();
-    let recovery = wait_all_final(&orders, &ids, restored).await;
+    let recovery = wait_all_final(&env, &[&orders, &payments], &ids, restored).await;
     assert_nothing_lost(&env, name, &ids, refused, recovery).await;
 }
 
@@ -333,7 +464,7 @@ async fn cancels_and_refunds_in_flight_survive_a_broker_restart() {
     fund_users(&app).await;
     // 60 paid orders to refund, then 140 to cancel right after placing them.
     let (paid, _) = place_orders(app.clone(), 60, Arc::new(AtomicUsize::new(0))).await;
-    wait_all_final(&app, &paid, Instant::now()).await;
+    wait_all_final(&env, &[&app], &paid, Instant::now()).await;
     let cancelled = Arc::new(AtomicUsize::new(0));
     let work = {
         let (app, cancelled) = (app.clone(), cancelled.clone());
