@@ -180,7 +180,8 @@ enum Ended {
     Home(Box<Opened>),
 }
 
-/// What the consumer stream handed over: a delivery, or why there is none.
+/// What one of the consumer streams handed over: a delivery, or why there is none (`None`:
+/// a stream ended, its consumer cancelled).
 fn received(next: Option<Result<Delivery, lapin::Error>>) -> Result<Delivery, AmqpError> {
     match next {
         Some(Ok(delivery)) => Ok(delivery),
@@ -402,7 +403,12 @@ impl<H: Handler> Consumer<H> {
                     arguments.clone(),
                 ))
                 .await?;
-            streams.push(consumer);
+            // Each stream ends with a `None` of its own: `select_all` drops a stream that ends
+            // without a word, and a server that cancels only one of the link's consumers (the
+            // lane's queue deleted, say) would leave the link reading the others for good.
+            streams.push(consumer.map(Some).chain(futures_util::stream::once(
+                futures_util::future::ready(None),
+            )));
         }
         let mut deliveries = futures_util::stream::select_all(streams);
         broker.links().up(task, node, connection);
@@ -437,10 +443,10 @@ impl<H: Handler> Consumer<H> {
                     }
                 }
                 next = deliveries.next(), if room => {
-                    let mut batch = vec![received(next)?];
+                    let mut batch = vec![received(next.flatten())?];
                     while batch.len() < self.settings.batch {
                         match deliveries.next().now_or_never() {
-                            Some(next) => batch.push(received(next)?),
+                            Some(next) => batch.push(received(next.flatten())?),
                             None => break,
                         }
                     }

@@ -554,6 +554,8 @@ async fn a_lane_a_deployment_no_longer_has_is_unbound_and_read_empty() {
     let env = TestEnv::new();
     let mut settings = env.settings();
     settings.amqp_queue_lanes = 2;
+    // One link per lane: the lane's first link alone reads it (and the retired lane below).
+    settings.consumer_links = 1;
     let before = env.spawn_with(&settings, Role::Payments).await;
     before.wait_until_ready().await;
     all_links_up(&before).await;
@@ -597,6 +599,49 @@ async fn a_lane_a_deployment_no_longer_has_is_unbound_and_read_empty() {
     }
     assert!(!routed(&exchange, "lane-2.payment.requested.v1").await);
     assert!(routed(&exchange, "payment.requested.v1").await);
+
+    // The lane's own queue deleted under the link that reads it and the retired lane: the
+    // link does not go on reading the retired lane alone, it comes back and declares the
+    // queue again, and a request sent there is read.
+    let queue = format!("{}.payments.payment-requests", env.prefix);
+    let connection =
+        lapin::Connection::connect(crate::helpers::AMQP, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(
+            queue.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !routed(&exchange, "payment.requested.v1").await {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted queue was not declared again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let message_id = uuid::Uuid::new_v4();
+    let body = crate::saga::payment_requested(message_id, uuid::Uuid::new_v4(), "retired", "4");
+    crate::saga::publish_with_signature(
+        &exchange,
+        "payment.requested.v1",
+        &message_id.to_string(),
+        &body,
+        Some(&crate::saga::sign(&body)),
+    )
+    .await;
+    while after.balance("retired").await.str("balance") != "2.00" {
+        assert!(
+            Instant::now() < deadline,
+            "the request in the declared-again queue was not read"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A broker node as its clients see it, forwarding to the real broker, that can be stopped
