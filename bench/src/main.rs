@@ -70,9 +70,11 @@ pub struct Args {
     /// Seconds of each GET benchmark and of each pgbench run.
     #[arg(long, default_value_t = 5.0)]
     pub fixed_secs: f64,
-    /// The rate bench/saga.sql runs at for its CPU per order (0: not measured).
-    #[arg(long, default_value_t = 100.0)]
-    pub cpu_rate: f64,
+    /// The rates bench/saga.sql runs at for its CPU per order, each for --duration (e.g.
+    /// `100,300`, as --rates, so each step's PostgreSQL CPU is set beside saga.sql's at the
+    /// same rate; 0: not measured). A rate pgbench cannot keep is reported and skipped.
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    pub cpu_rate: Vec<f64>,
     /// Skip pgbench (no ratios).
     #[arg(long)]
     pub skip_pgbench: bool,

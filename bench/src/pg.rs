@@ -10,13 +10,14 @@ use crate::cpu::{Group, Meter};
 const ACCOUNTS: usize = 1000;
 const ORDERS: usize = 10_000;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Whole orders' worth of commits per second.
     pub saga_per_sec: f64,
     pub get_order_per_sec: f64,
-    /// bench/saga.sql at a fixed rate: what one order's commits cost PostgreSQL, and pgbench.
-    pub cpu: Option<SagaCpu>,
+    /// bench/saga.sql at each fixed rate of --cpu-rate: what one order's commits cost
+    /// PostgreSQL, and pgbench.
+    pub cpu: Vec<SagaCpu>,
 }
 
 /// CPU per order of bench/saga.sql run at `rate` orders/s.
@@ -55,11 +56,13 @@ pub async fn limits(args: &Args) -> anyhow::Result<Limits> {
          FROM generate_series(1, {ORDERS}) n; ANALYZE;"
     ))
     .await?;
-    let cpu = if args.cpu_rate > 0.0 {
-        Some(saga_cpu(args, &url).await?)
-    } else {
-        None
-    };
+    let mut cpu = Vec::new();
+    for &rate in args.cpu_rate.iter().filter(|rate| **rate > 0.0) {
+        match saga_cpu(args, &url, rate).await {
+            Ok(measured) => cpu.push(measured),
+            Err(error) => eprintln!("bench/saga.sql at {rate:.0}/s not measured: {error:#}"),
+        }
+    }
     let saga = pgbench(args, &url, "bench/saga.sql", None).await;
     let get_order = pgbench(args, &url, "bench/get_order.sql", None).await;
     db.close().await?;
@@ -78,14 +81,14 @@ pub async fn limits(args: &Args) -> anyhow::Result<Limits> {
     })
 }
 
-/// bench/saga.sql at --cpu-rate orders/s for --duration: PostgreSQL's and pgbench's CPU per
+/// bench/saga.sql at `rate` orders/s for --duration: PostgreSQL's and pgbench's CPU per
 /// order, sampled while pgbench runs (its backends end with it), from its second second to
 /// half a second before its end; the orders in that window are the rate times its length
 /// (pgbench -R keeps to its schedule when it can; its own count is checked against it).
-async fn saga_cpu(args: &Args, url: &str) -> anyhow::Result<SagaCpu> {
+async fn saga_cpu(args: &Args, url: &str, rate: f64) -> anyhow::Result<SagaCpu> {
     let meter = Meter::new(&[]);
     let secs = args.duration.max(4.0).round();
-    let run = pgbench(args, url, "bench/saga.sql", Some((args.cpu_rate, secs)));
+    let run = pgbench(args, url, "bench/saga.sql", Some((rate, secs)));
     let window = async {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let first = meter.sample();
@@ -97,15 +100,15 @@ async fn saga_cpu(args: &Args, url: &str) -> anyhow::Result<SagaCpu> {
     // pgbench -R draws its start times from a Poisson process: the count in `secs` strays
     // from the rate times `secs` by its square root (a 4 s smoke run at 100/s: 400 +- 20); four
     // of those below it, the schedule was not kept.
-    let expected = args.cpu_rate * secs;
+    let expected = rate * secs;
     anyhow::ensure!(
         processed as f64 >= expected - 4.0 * expected.sqrt(),
         "pgbench did not keep to {} orders/s: {processed} in {secs} s",
-        args.cpu_rate
+        rate
     );
-    let orders = args.cpu_rate * usage.seconds;
+    let orders = rate * usage.seconds;
     Ok(SagaCpu {
-        rate: args.cpu_rate,
+        rate,
         orders: orders.round() as u64,
         postgres_ms: usage.ms_per(Group::PostgreSql, orders),
         pgbench_ms: usage.ms_per(Group::Pgbench, orders),

@@ -72,6 +72,11 @@ impl Report {
             .or(self.steps.last())
     }
 
+    /// The step run at `rate` (a --rates step), to set beside saga.sql at that rate.
+    fn same_rate(&self, rate: f64) -> Option<&Step> {
+        self.steps.iter().find(|s| (s.rate - rate).abs() < 0.5)
+    }
+
     fn step_json(step: &Step) -> serde_json::Value {
         json!({
             "rate": step.rate, "sent": step.sent, "errors": step.errors, "settled": step.settled,
@@ -100,12 +105,12 @@ impl Report {
             "highest_sustained_settled_per_sec": best.filter(|s| s.sustainable()).map(|s| s.settled_per_sec),
             "get_order_per_sec": self.reads.get_order_per_sec,
             "get_balance_per_sec": self.reads.get_balance_per_sec,
-            "pgbench": self.limits.map(|l| json!({
+            "pgbench": self.limits.as_ref().map(|l| json!({
                 "saga_orders_per_sec": l.saga_per_sec, "get_order_per_sec": l.get_order_per_sec,
                 "ran_after_drain_secs": self.drained,
-                "saga_cpu_ms_per_order": l.cpu.map(|c| json!({"rate": c.rate, "orders": c.orders, "postgresql": c.postgres_ms, "pgbench": c.pgbench_ms})),
+                "saga_cpu_ms_per_order": l.cpu.iter().map(|c| json!({"rate": c.rate, "orders": c.orders, "postgresql": c.postgres_ms, "pgbench": c.pgbench_ms, "postgresql_for_gozon_over_saga": self.same_rate(c.rate).map(|s| s.cpu_per_order(Group::PostgreSql) / c.postgres_ms.max(1e-9))})).collect::<Vec<_>>(),
             })),
-            "ratios": self.limits.map(|l| json!({
+            "ratios": self.limits.as_ref().map(|l| json!({
                 "settled": best.map(|s| s.settled_per_sec / l.saga_per_sec),
                 "get_order": self.reads.get_order_per_sec / l.get_order_per_sec,
             })),
@@ -177,7 +182,7 @@ impl fmt::Display for Report {
             "GET order {:.0}/s, GET balance {:.0}/s",
             self.reads.get_order_per_sec, self.reads.get_balance_per_sec
         )?;
-        if let Some(limits) = self.limits {
+        if let Some(limits) = &self.limits {
             let settled = self.best().map_or(0.0, |s| s.settled_per_sec);
             writeln!(
                 f,
@@ -194,13 +199,13 @@ impl fmt::Display for Report {
                     "pgbench ran while the deployment had NOT drained in 120 s: its figures are low"
                 )?,
             }
-            if let Some(cpu) = limits.cpu {
+            for cpu in &limits.cpu {
                 writeln!(
                     f,
                     "bench/saga.sql at {:.0}/s: CPU ms per order postgresql {:.2}, pgbench {:.2}",
                     cpu.rate, cpu.postgres_ms, cpu.pgbench_ms
                 )?;
-                if let Some(step) = self.steps.iter().find(|s| (s.rate - cpu.rate).abs() < 0.5) {
+                if let Some(step) = self.same_rate(cpu.rate) {
                     writeln!(
                         f,
                         "at {:.0}/s: postgresql for gozon / for saga.sql {:.2}",
