@@ -552,9 +552,16 @@ impl<H: Handler> Consumer<H> {
                 Ok(handled) => {
                     metrics.consumer_batch(queue_name, opened.len(), "committed");
                     *lock(requeue_delays) = Delays::new();
-                    for ((delivery, _, _), handled) in opened.iter().zip(handled) {
-                        self.settle(delivery, Ok(handled), queue_name, Duration::ZERO, shutdown)
-                            .await?;
+                    // The acks go out together: the connection's I/O thread sends them in
+                    // one write and wakes this task once, not once per delivery.
+                    let acks = opened
+                        .iter()
+                        .zip(handled)
+                        .map(|((delivery, _, _), handled)| {
+                            self.settle(delivery, Ok(handled), queue_name, Duration::ZERO, shutdown)
+                        });
+                    for acked in futures_util::future::join_all(acks).await {
+                        acked?;
                     }
                     opened.clear();
                 }
@@ -605,18 +612,25 @@ impl<H: Handler> Consumer<H> {
         let messages: Vec<&H::Message> = opened.iter().map(|(_, _, message)| message).collect();
         self.handler.lock(&txn, &messages).await.map_err(whole)?;
         opened.sort_by_key(|(_, envelope, _)| envelope.message_id);
-        let mut first = Vec::with_capacity(opened.len());
-        for (index, (_, envelope, _)) in opened.iter().enumerate() {
-            let recorded = inbox::record_first_delivery(
-                &txn,
-                self.schema,
-                self.queue.suffix,
-                envelope.message_id,
-            )
-            .await
-            .map_err(|error| (Some(index), HandleError::from(error)))?;
-            first.push(recorded);
-        }
+        // Every inbox record in one statement; a copy listed twice counts once, as its first.
+        let ids: Vec<Uuid> = opened
+            .iter()
+            .map(|(_, envelope, _)| envelope.message_id)
+            .collect();
+        let mut recorded =
+            inbox::record_first_deliveries(&txn, self.schema, self.queue.suffix, &ids)
+                .await
+                .map_err(whole)?;
+        let first: Vec<bool> = ids
+            .iter()
+            .map(|id| match recorded.iter().position(|r| r == id) {
+                Some(at) => {
+                    recorded.swap_remove(at);
+                    true
+                }
+                None => false,
+            })
+            .collect();
         let mut order: Vec<usize> = (0..opened.len()).filter(|&i| first[i]).collect();
         order.sort_by_cached_key(|&i| {
             let (_, envelope, message) = &opened[i];

@@ -28,6 +28,34 @@ pub async fn record_first_delivery(
     Ok(result.rows_affected() == 1)
 }
 
+/// Records that `consumer` applies each of `message_ids` (sorted, so batches take the keys in
+/// one order) now, in one statement. Returns the ids it had not recorded before; an id listed
+/// twice is recorded, and returned, once.
+///
+/// Safe under concurrency as [`record_first_delivery`] is: rows are inserted in the order of
+/// their ids, each key serialising a racing insert of the same key, which then inserts nothing.
+pub async fn record_first_deliveries(
+    conn: &impl ConnectionTrait,
+    schema: &str,
+    consumer: &str,
+    message_ids: &[Uuid],
+) -> Result<Vec<Uuid>, DbErr> {
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!(
+                "INSERT INTO {schema}.inbox (consumer, message_id) \
+                 SELECT $1, id FROM unnest($2::uuid[]) AS id ORDER BY id \
+                 ON CONFLICT DO NOTHING RETURNING message_id"
+            ),
+            [consumer.into(), message_ids.to_vec().into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| row.try_get::<Uuid>("", "message_id"))
+        .collect()
+}
+
 /// The inbox record of one message, for a handler that writes it from a statement of its own
 /// ([`crate::messaging::consumer::Handler::apply_alone`]).
 #[derive(Debug, Clone, Copy)]

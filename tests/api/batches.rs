@@ -41,10 +41,9 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .map_or(0.0, |value| value.parse().unwrap())
 }
 
-#[tokio::test]
-async fn waiting_deliveries_are_applied_in_batches_and_a_poison_one_is_split_out() {
-    let env = TestEnv::new();
-    let users = ["bat-a", "bat-b", "bat-c", "bat-d"];
+/// Funds an account of 100.00 for each of `users` through a payments app, stops it, and waits
+/// until nobody consumes payment requests; the queue's name.
+async fn funded_with_nobody_consuming(env: &TestEnv, users: &[&str]) -> String {
     {
         let app = env.spawn(Role::Payments).await;
         for user in users {
@@ -59,6 +58,14 @@ async fn waiting_deliveries_are_applied_in_batches_and_a_poison_one_is_split_out
         assert!(Instant::now() < deadline, "the first app still consumes");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    queue
+}
+
+#[tokio::test]
+async fn waiting_deliveries_are_applied_in_batches_and_a_poison_one_is_split_out() {
+    let env = TestEnv::new();
+    let users = ["bat-a", "bat-b", "bat-c", "bat-d"];
+    let queue = funded_with_nobody_consuming(&env, &users).await;
 
     // While nobody consumes: 12 payment requests (3 per user, 10.00 each), and amid them a
     // refund of an order that was never debited (readable, but it can never be applied).
@@ -134,4 +141,66 @@ async fn waiting_deliveries_are_applied_in_batches_and_a_poison_one_is_split_out
         retried >= 1.0,
         "the batch with the poison was not tried again without it:\n{text}"
     );
+}
+
+#[tokio::test]
+async fn a_message_twice_in_one_batch_is_applied_once() {
+    let env = TestEnv::new();
+    let users = ["twice-a", "twice-b"];
+    let queue = funded_with_nobody_consuming(&env, &users).await;
+
+    // While nobody consumes: 6 payment requests of 10.00, each published twice in a row with
+    // the same message id, so both copies wait in the queue and come in one batch.
+    for i in 0..6 {
+        let (message_id, order_id) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let body = payment_requested(message_id, order_id, users[i % 2], "10.00");
+        for _ in 0..2 {
+            publish_raw(
+                &env.prefix,
+                "payment.requested.v1",
+                &message_id.to_string(),
+                &body,
+            )
+            .await;
+        }
+    }
+
+    let mut settings = env.settings();
+    settings.consumer_concurrency = 1;
+    let app = env.spawn_with(&settings, Role::Payments).await;
+    app.wait_until_ready().await;
+    let db = env.db().await;
+    let queue_label = format!("queue=\"{queue}\"");
+    let consumed = |outcome: &str| {
+        format!("gozon_messages_consumed_total{{{queue_label},outcome=\"{outcome}\"}}")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = app.metrics_text().await;
+        if metric(&text, &consumed("applied")) + metric(&text, &consumed("duplicate")) >= 12.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every copy was consumed:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    for user in users {
+        assert_eq!(app.balance(user).await.str("balance"), "70.00", "{user}");
+    }
+    let debits = "SELECT count(*) FROM payments.transactions WHERE kind = 'debit'";
+    assert_eq!(scalar_i64(&db, debits).await, 6, "one debit per order");
+    let answers =
+        "SELECT count(*) FROM payments.outbox WHERE message_type = 'payment.succeeded.v1'";
+    assert_eq!(scalar_i64(&db, answers).await, 6, "one answer per order");
+    let text = app.metrics_text().await;
+    assert_eq!(metric(&text, &consumed("applied")), 6.0, "{text}");
+    assert_eq!(metric(&text, &consumed("duplicate")), 6.0, "{text}");
+    let batched = metric(
+        &text,
+        &format!("gozon_consumer_batched_messages_total{{{queue_label}}}"),
+    );
+    assert!(batched >= 4.0, "the copies were not batched:\n{text}");
 }
