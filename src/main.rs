@@ -7,9 +7,19 @@ use gozon::ops::audit::AuditSettings;
 use gozon::ops::telemetry::{self, LogFormat};
 use gozon::web::auth::Claims;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Command::Serve { settings, .. } | Command::Migrate { settings, .. } = &cli.command
+        && settings.worker_threads > 0
+    {
+        runtime.worker_threads(usize::from(settings.worker_threads));
+    }
+    runtime.build()?.block_on(run_cli(cli))
+}
+
+async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     let log_format = match &cli.command {
         Command::Serve { settings, .. } | Command::Migrate { settings, .. } => settings.log_format,
         _ => LogFormat::Text,

@@ -14,7 +14,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use sea_orm::{DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -96,18 +96,19 @@ pub trait Handler: Send + Sync + 'static {
         incoming: Incoming<Self::Message>,
     ) -> impl Future<Output = Result<Self::Applied, HandleError>> + Send;
 
-    /// The common case of a message alone, in one statement of its own with its inbox
-    /// record (`inbox`, written with [`inbox::Record::insert_per_row_of`] only when the
-    /// statement has an effect) and no transaction around it: one round trip and one commit
-    /// instead of four or more. `Ok(Some(_))`: applied and committed. `Ok(None)`: nothing
+    /// The common case of a message, in one statement: alone, with its inbox record (`inbox`,
+    /// written with [`inbox::recorded_cte`] only when the statement has an effect) and no
+    /// transaction around it, one round trip and one commit instead of four or more; in a
+    /// batch, inside the batch's transaction (`db`), without it (the batch recorded it), one
+    /// round trip instead of two or three. `Ok(Some(_))`: applied. `Ok(None)`: nothing
     /// written (not the common case). An error (a duplicate's inbox record among them) has
-    /// written nothing either. Unless applied, the consumer goes on with [`Handler::apply`]
-    /// in a transaction, which tells duplicates, refusals and poison apart. By default no
-    /// message has a common case.
-    fn apply_alone(
+    /// written nothing either. Unless applied, the consumer goes on with [`Handler::apply`],
+    /// which tells duplicates, refusals and poison apart. By default no message has a common
+    /// case.
+    fn apply_alone<C: ConnectionTrait + Sync>(
         &self,
-        db: &DatabaseConnection,
-        inbox: inbox::Record<'_>,
+        db: &C,
+        inbox: Option<inbox::Record<'_>>,
         incoming: &Incoming<Self::Message>,
     ) -> impl Future<Output = Result<Option<Self::Applied>, sea_orm::DbErr>> + Send {
         let _ = (db, inbox, incoming);
@@ -645,12 +646,26 @@ impl<H: Handler> Consumer<H> {
                 correlation_id: envelope.correlation_id.clone(),
             };
             let span = self.message_span(delivery, envelope);
-            let result = self
+            // Its common case in one statement, else the handler's whole path.
+            let alone = self
                 .handler
-                .apply(&txn, incoming)
-                .instrument(span)
+                .apply_alone(&txn, None, &incoming)
+                .instrument(span.clone())
                 .await
-                .map_err(|error| (Some(index), error))?;
+                .map_err(|error| (Some(index), HandleError::from(error)))?;
+            let metrics = self.broker.metrics();
+            let result = match alone {
+                Some(result) => {
+                    metrics.consumer_one_statement(self.queue.suffix, "applied_in_batch");
+                    result
+                }
+                None => self
+                    .handler
+                    .apply(&txn, incoming)
+                    .instrument(span)
+                    .await
+                    .map_err(|error| (Some(index), error))?,
+            };
             applied.push(result);
         }
         // On error the transaction is dropped: every record of the batch rolls back.
@@ -852,7 +867,11 @@ impl<H: Handler> Consumer<H> {
         };
         let metrics = self.broker.metrics();
         let queue = self.queue.suffix;
-        match self.handler.apply_alone(&self.db, record, &incoming).await {
+        match self
+            .handler
+            .apply_alone(&self.db, Some(record), &incoming)
+            .await
+        {
             Ok(Some(applied)) => {
                 metrics.consumer_one_statement(queue, "applied");
                 self.handler.committed(applied);

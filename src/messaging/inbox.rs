@@ -82,3 +82,16 @@ impl Record<'_> {
         [self.consumer.into(), self.message_id.into()]
     }
 }
+
+/// For a one-statement path: `, recorded AS (...)`, the CTE that writes `record` for each row
+/// of `gate` with its values bound at `$first` and `$first + 1`, and those values; nothing
+/// without a record (a batch wrote it already, with [`record_first_deliveries`]).
+pub fn recorded_cte(record: Option<Record<'_>>, gate: &str, first: usize) -> (String, Vec<Value>) {
+    match record {
+        Some(record) => (
+            format!(", recorded AS ({})", record.insert_per_row_of(gate, first)),
+            record.values().into(),
+        ),
+        None => (String::new(), Vec::new()),
+    }
+}

@@ -164,10 +164,10 @@ impl Handler for SagaHandler {
     }
 
     /// A payment answer for a NEW order it matches, in one statement.
-    async fn apply_alone(
+    async fn apply_alone<C: ConnectionTrait + Sync>(
         &self,
-        db: &DatabaseConnection,
-        inbox: inbox::Record<'_>,
+        db: &C,
+        inbox: Option<inbox::Record<'_>>,
         incoming: &Incoming<Answer>,
     ) -> Result<Option<Applied>, DbErr> {
         let answer = &incoming.message;

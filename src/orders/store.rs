@@ -235,17 +235,17 @@ pub async fn settle_alone(
     conn: &impl ConnectionTrait,
     (id, paid_by, amount): (OrderId, &UserId, Money),
     status: OrderStatus,
-    inbox: inbox::Record<'_>,
+    inbox: Option<inbox::Record<'_>>,
     (channel, notice): (&'static str, String),
 ) -> Result<Option<Order>, DbErr> {
-    let record = inbox.insert_per_row_of("settled", 6);
+    let (recorded, record_values) = inbox::recorded_cte(inbox, "settled", 8);
     let sql = format!(
         "WITH settled AS (\
            UPDATE orders.orders SET status = $2, reason = $3, updated_at = clock_timestamp() \
            WHERE id = $1 AND status = 'NEW' AND user_id = $4 AND amount_minor = $5 \
            RETURNING {ORDER_COLUMNS}), \
-         recorded AS ({record}), \
-         notified AS (SELECT pg_notify($8, $9) FROM settled) \
+         notified AS (SELECT pg_notify($6, $7) FROM settled) \
+         {recorded} \
          SELECT settled.*, (SELECT count(*) FROM notified) AS notified FROM settled"
     );
     let mut values: Vec<Value> = vec![
@@ -255,8 +255,8 @@ pub async fn settle_alone(
         paid_by.as_str().into(),
         amount.minor().into(),
     ];
-    values.extend(inbox.values());
     values.extend([channel.into(), notice.into()]);
+    values.extend(record_values);
     one_order(conn, &sql, values).await
 }
 

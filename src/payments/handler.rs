@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use sea_orm::{DatabaseConnection, DatabaseTransaction};
+use sea_orm::{ConnectionTrait, DatabaseTransaction};
 use tokio::sync::Notify;
 
 use crate::contracts::{
@@ -70,10 +70,10 @@ impl Handler for PaymentRequestHandler {
     }
 
     /// A debit that succeeds, in one statement.
-    async fn apply_alone(
+    async fn apply_alone<C: ConnectionTrait + Sync>(
         &self,
-        db: &DatabaseConnection,
-        inbox: inbox::Record<'_>,
+        db: &C,
+        inbox: Option<inbox::Record<'_>>,
         incoming: &Incoming<Request>,
     ) -> Result<Option<()>, sea_orm::DbErr> {
         let Request::Debit(request) = &incoming.message else {

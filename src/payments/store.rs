@@ -196,7 +196,7 @@ pub async fn debit_for_order(
 pub async fn debit_alone(
     conn: &impl ConnectionTrait,
     charge: &OrderCharge<'_>,
-    inbox: inbox::Record<'_>,
+    inbox: Option<inbox::Record<'_>>,
     answer: OutboxRow,
 ) -> Result<bool, DbErr> {
     let OrderCharge {
@@ -204,7 +204,7 @@ pub async fn debit_alone(
         user,
         amount,
     } = *charge;
-    let record = inbox.insert_per_row_of("debited", 4);
+    let (recorded, record_values) = inbox::recorded_cte(inbox, "debited", 9);
     let columns = OutboxRow::INSERT_COLUMNS;
     let sql = format!(
         "WITH debited AS ( \
@@ -219,13 +219,13 @@ pub async fn debit_alone(
          ledger AS ( \
              INSERT INTO payments.transactions (user_id, kind, amount_minor, order_id, balance_after_minor) \
              SELECT user_id, 'debit', $2, $3, balance_minor FROM debited), \
-         recorded AS ({record}), \
-         answered AS (INSERT INTO payments.outbox ({columns}) SELECT $6, $7, $8, $9, $10 FROM debited) \
+         answered AS (INSERT INTO payments.outbox ({columns}) SELECT $4, $5, $6, $7, $8 FROM debited) \
+         {recorded} \
          SELECT count(*) AS debited FROM debited"
     );
     let mut values: Vec<Value> = vec![user.as_str().into(), amount.minor().into(), order_id.into()];
-    values.extend(inbox.values());
     values.extend(answer.values());
+    values.extend(record_values);
     let row = conn
         .query_one_raw(statement(&sql, values))
         .await?

@@ -149,11 +149,13 @@ async fn a_message_twice_in_one_batch_is_applied_once() {
     let users = ["twice-a", "twice-b"];
     let queue = funded_with_nobody_consuming(&env, &users).await;
 
-    // While nobody consumes: 6 payment requests of 10.00, each published twice in a row with
-    // the same message id, so both copies wait in the queue and come in one batch.
-    for i in 0..6 {
+    // While nobody consumes: 6 payment requests of 10.00 and 2 of 500.00 (more than either
+    // holds), each published twice in a row with the same message id, so both copies wait in
+    // the queue and come in one batch.
+    for i in 0..8 {
         let (message_id, order_id) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
-        let body = payment_requested(message_id, order_id, users[i % 2], "10.00");
+        let amount = if i < 6 { "10.00" } else { "500.00" };
+        let body = payment_requested(message_id, order_id, users[i % 2], amount);
         for _ in 0..2 {
             publish_raw(
                 &env.prefix,
@@ -177,7 +179,7 @@ async fn a_message_twice_in_one_batch_is_applied_once() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = app.metrics_text().await;
-        if metric(&text, &consumed("applied")) + metric(&text, &consumed("duplicate")) >= 12.0 {
+        if metric(&text, &consumed("applied")) + metric(&text, &consumed("duplicate")) >= 16.0 {
             break;
         }
         assert!(
@@ -194,10 +196,28 @@ async fn a_message_twice_in_one_batch_is_applied_once() {
     assert_eq!(scalar_i64(&db, debits).await, 6, "one debit per order");
     let answers =
         "SELECT count(*) FROM payments.outbox WHERE message_type = 'payment.succeeded.v1'";
-    assert_eq!(scalar_i64(&db, answers).await, 6, "one answer per order");
+    assert_eq!(
+        scalar_i64(&db, answers).await,
+        6,
+        "one answer per paid order"
+    );
+    let refusals = "SELECT count(*) FROM payments.outbox WHERE message_type = 'payment.failed.v1'";
+    assert_eq!(scalar_i64(&db, refusals).await, 2, "one refusal per order");
     let text = app.metrics_text().await;
-    assert_eq!(metric(&text, &consumed("applied")), 6.0, "{text}");
-    assert_eq!(metric(&text, &consumed("duplicate")), 6.0, "{text}");
+    assert_eq!(metric(&text, &consumed("applied")), 8.0, "{text}");
+    assert_eq!(metric(&text, &consumed("duplicate")), 8.0, "{text}");
+    // Inside a batch, a debit that succeeds is one statement; a refusal takes the whole path.
+    let in_batch = metric(
+        &text,
+        &format!(
+            "gozon_consumer_one_statement_total{{queue=\"{}\",outcome=\"applied_in_batch\"}}",
+            payments::PAYMENT_REQUESTS.suffix
+        ),
+    );
+    assert!(
+        in_batch >= 2.0,
+        "no batched debit took one statement:\n{text}"
+    );
     let batched = metric(
         &text,
         &format!("gozon_consumer_batched_messages_total{{{queue_label}}}"),

@@ -22,12 +22,12 @@ fn record(
     schema: &'static str,
     consumer: &'static str,
     message_id: uuid::Uuid,
-) -> inbox::Record<'static> {
-    inbox::Record {
+) -> Option<inbox::Record<'static>> {
+    Some(inbox::Record {
         schema,
         consumer,
         message_id,
-    }
+    })
 }
 
 fn answer(order_id: uuid::Uuid, user: &UserId, amount: Money) -> OutboxRow {
