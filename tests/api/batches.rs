@@ -9,9 +9,9 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 
 use gozon::app::cli::Role;
-use gozon::{app, payments};
+use gozon::{app, orders, payments};
 
-use crate::helpers::{AMQP, TestEnv, scalar_i64};
+use crate::helpers::{AMQP, TestEnv, scalar_i64, wait_for_outboxes_drained};
 use crate::poison::wait_for_dead_letters;
 use crate::saga::{payment_requested, publish_raw};
 
@@ -51,8 +51,17 @@ async fn funded_with_nobody_consuming(env: &TestEnv, users: &[&str]) -> String {
         }
         app.shutdown();
     }
-    let broker = app::broker(&env.settings(), Role::Payments).unwrap();
-    let queue = broker.queue_name(&payments::PAYMENT_REQUESTS);
+    until_nobody_consumes(env, Role::Payments, &payments::PAYMENT_REQUESTS).await
+}
+
+/// Waits until nobody consumes `role`'s queue `spec` (its app was shut down); the queue's name.
+async fn until_nobody_consumes(
+    env: &TestEnv,
+    role: Role,
+    spec: &gozon::messaging::amqp::QueueSpec,
+) -> String {
+    let broker = app::broker(&env.settings(), role).unwrap();
+    let queue = broker.queue_name(spec);
     let deadline = Instant::now() + Duration::from_secs(10);
     while consumers_of(&queue).await > 0 {
         assert!(Instant::now() < deadline, "the first app still consumes");
@@ -218,9 +227,85 @@ async fn a_message_twice_in_one_batch_is_applied_once() {
         in_batch >= 2.0,
         "no batched debit took one statement:\n{text}"
     );
+    // With one batch in hand at a time, the first delivery (or the first few) make a batch
+    // and the rest, up to 16, the next: at most one message's copies fall on either side.
     let batched = metric(
         &text,
         &format!("gozon_consumer_batched_messages_total{{{queue_label}}}"),
     );
-    assert!(batched >= 4.0, "the copies were not batched:\n{text}");
+    let committed = metric(
+        &text,
+        &format!("gozon_consumer_batches_total{{{queue_label},outcome=\"committed\"}}"),
+    );
+    assert!(
+        batched >= 14.0 && committed <= 2.0,
+        "the copies were not batched together:\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn payment_answers_that_wait_are_settled_in_a_batch_one_statement_each() {
+    let env = TestEnv::new();
+    let payments_app = env.spawn(Role::Payments).await;
+    let db = env.db().await;
+    payments_app.funded_account("answers-a", "100").await;
+    payments_app.shutdown();
+    until_nobody_consumes(&env, Role::Payments, &payments::PAYMENT_REQUESTS).await;
+
+    // Six orders of 10.00 and one of 500.00 (more than the account holds), their requests
+    // sent while Payments is away; then Orders goes away and Payments answers them all.
+    let orders_app = env.spawn(Role::Orders).await;
+    let mut ids = Vec::new();
+    for amount in ["10", "10", "10", "10", "10", "10", "500"] {
+        let order = orders_app.create_order("answers-a", amount).await;
+        ids.push(order.str("id").to_owned());
+    }
+    wait_for_outboxes_drained(&db, Duration::from_secs(10)).await;
+    orders_app.shutdown();
+    let queue = until_nobody_consumes(&env, Role::Orders, &orders::PAYMENT_RESULTS).await;
+    let payments_app = env.spawn(Role::Payments).await;
+    let answered = "SELECT count(*) FROM payments.outbox WHERE sent_at IS NOT NULL";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scalar_i64(&db, answered).await < 7 {
+        assert!(
+            Instant::now() < deadline,
+            "Payments did not answer every request"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The answers wait in the queue and come to the new Orders app as a batch.
+    let mut settings = env.settings();
+    settings.consumer_concurrency = 1;
+    let orders_app = env.spawn_with(&settings, Role::Orders).await;
+    let mut statuses = Vec::new();
+    for id in &ids {
+        let order = orders_app
+            .wait_until_final(id, Duration::from_secs(10))
+            .await;
+        statuses.push(order.str("status").to_owned());
+    }
+    assert_eq!(statuses[..6], ["FINISHED"; 6]);
+    assert_eq!(statuses[6], "CANCELLED");
+    assert_eq!(
+        payments_app.balance("answers-a").await.str("balance"),
+        "40.00"
+    );
+    let text = orders_app.metrics_text().await;
+    let batched = metric(
+        &text,
+        &format!("gozon_consumer_batched_messages_total{{queue=\"{queue}\"}}"),
+    );
+    let in_batch = metric(
+        &text,
+        &format!(
+            "gozon_consumer_one_statement_total{{queue=\"{}\",outcome=\"applied_in_batch\"}}",
+            orders::PAYMENT_RESULTS.suffix
+        ),
+    );
+    assert!(batched >= 2.0, "the answers were not batched:\n{text}");
+    assert!(
+        in_batch >= 1.0,
+        "no batched answer took one statement:\n{text}"
+    );
 }
