@@ -638,6 +638,7 @@ impl<H: Handler> Consumer<H> {
             (self.handler.lock_key(message), envelope.message_id)
         });
         let mut applied = Vec::with_capacity(order.len());
+        let mut in_one_statement = 0;
         for index in order {
             let (delivery, envelope, message) = &opened[index];
             let incoming = Incoming {
@@ -653,10 +654,9 @@ impl<H: Handler> Consumer<H> {
                 .instrument(span.clone())
                 .await
                 .map_err(|error| (Some(index), HandleError::from(error)))?;
-            let metrics = self.broker.metrics();
             let result = match alone {
                 Some(result) => {
-                    metrics.consumer_one_statement(self.queue.suffix, "applied_in_batch");
+                    in_one_statement += 1;
                     result
                 }
                 None => self
@@ -670,6 +670,10 @@ impl<H: Handler> Consumer<H> {
         }
         // On error the transaction is dropped: every record of the batch rolls back.
         txn.commit().await.map_err(whole)?;
+        let metrics = self.broker.metrics();
+        for _ in 0..in_one_statement {
+            metrics.consumer_one_statement(self.queue.suffix, "applied_in_batch");
+        }
         for result in applied {
             self.handler.committed(result);
         }
