@@ -13,7 +13,7 @@ use gozon::{app, orders, payments};
 
 use crate::helpers::{AMQP, TestEnv, scalar_i64, wait_for_outboxes_drained};
 use crate::poison::wait_for_dead_letters;
-use crate::saga::{payment_requested, publish_raw};
+use crate::saga::{payment_requested, publish_payment_request, publish_raw};
 
 /// Consumers of `queue` the broker knows of.
 async fn consumers_of(queue: &str) -> u32 {
@@ -92,13 +92,7 @@ async fn waiting_deliveries_are_applied_in_batches_and_a_poison_one_is_split_out
         }
         let (message_id, order_id) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
         let body = payment_requested(message_id, order_id, users[i % 4], "10.00");
-        publish_raw(
-            &env.prefix,
-            "payment.requested.v1",
-            &message_id.to_string(),
-            &body,
-        )
-        .await;
+        publish_payment_request(&env.prefix, message_id, &body).await;
         orders.push(order_id);
     }
 
@@ -166,13 +160,7 @@ async fn a_message_twice_in_one_batch_is_applied_once() {
         let amount = if i < 6 { "10.00" } else { "500.00" };
         let body = payment_requested(message_id, order_id, users[i % 2], amount);
         for _ in 0..2 {
-            publish_raw(
-                &env.prefix,
-                "payment.requested.v1",
-                &message_id.to_string(),
-                &body,
-            )
-            .await;
+            publish_payment_request(&env.prefix, message_id, &body).await;
         }
     }
 

@@ -186,6 +186,17 @@ pub async fn publish_with_headers(
     connection.close(200, "done".into()).await.unwrap();
 }
 
+/// Publishes a signed payment request (`body`) under `message_id`, as Orders' relay would.
+pub async fn publish_payment_request(prefix: &str, message_id: uuid::Uuid, body: &[u8]) {
+    publish_raw(
+        prefix,
+        "payment.requested.v1",
+        &message_id.to_string(),
+        body,
+    )
+    .await;
+}
+
 pub fn payment_requested(
     message_id: uuid::Uuid,
     order_id: uuid::Uuid,
@@ -228,13 +239,7 @@ async fn the_same_payment_request_delivered_twice_debits_once() {
     let order_id = uuid::Uuid::now_v7();
     let body = payment_requested(message_id, order_id, "lea", "25.00");
     for _ in 0..2 {
-        publish_raw(
-            &env.prefix,
-            "payment.requested.v1",
-            &message_id.to_string(),
-            &body,
-        )
-        .await;
+        publish_payment_request(&env.prefix, message_id, &body).await;
     }
     // A third, different request behind them: the single consumer handles its queue in order,
     // so once this one is applied both copies before it have been handled.
@@ -282,13 +287,7 @@ async fn one_order_requested_under_two_message_ids_is_still_debited_once() {
     for _ in 0..2 {
         let message_id = uuid::Uuid::now_v7();
         let body = payment_requested(message_id, order_id, "max", "40.00");
-        publish_raw(
-            &env.prefix,
-            "payment.requested.v1",
-            &message_id.to_string(),
-            &body,
-        )
-        .await;
+        publish_payment_request(&env.prefix, message_id, &body).await;
     }
 
     // Two distinct messages: two inbox rows and two (identical) answers, but one debit.
@@ -395,26 +394,14 @@ async fn old_inbox_records_are_purged_and_a_late_duplicate_still_debits_once() {
     let message_id = uuid::Uuid::now_v7();
     let order_id = uuid::Uuid::now_v7();
     let body = payment_requested(message_id, order_id, "ray", "25.00");
-    publish_raw(
-        &env.prefix,
-        "payment.requested.v1",
-        &message_id.to_string(),
-        &body,
-    )
-    .await;
+    publish_payment_request(&env.prefix, message_id, &body).await;
     let debits = "SELECT count(*) FROM payments.transactions WHERE kind = 'debit'";
     wait_for_scalar(&db, debits, 1).await;
     // The housekeeper forgets the message id ...
     wait_for_scalar(&db, "SELECT count(*) FROM payments.inbox", 0).await;
     // ... and the same request delivered again long after is applied again, as a no-op: the
     // order was claimed once, for good.
-    publish_raw(
-        &env.prefix,
-        "payment.requested.v1",
-        &message_id.to_string(),
-        &body,
-    )
-    .await;
+    publish_payment_request(&env.prefix, message_id, &body).await;
     let marker = uuid::Uuid::now_v7();
     let marker_body = payment_requested(marker, uuid::Uuid::now_v7(), "ray", "1.00");
     publish_raw(
